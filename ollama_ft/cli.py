@@ -1,0 +1,344 @@
+"""The `ollama-ft` command line. Thin: parse, call one function, print. Heavy libraries (torch,
+transformers, llama_cpp) are imported inside the called functions so `--help` stays instant.
+
+User mistakes raise `UserError` -> one red line, a hint, exit 1. `--verbose` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(
+    name="ollama-ft",
+    help=(
+        "Fine-tune a base model on your own data and run it in your local Ollama.\n\n"
+        "Typical use:\n\n"
+        "  ollama-ft train configs/demo.yaml        # pull, data, QLoRA, merge, GGUF, Modelfile, register\n\n"
+        "  ollama run demo                          # chat with the tuned model\n\n"
+        "  ollama-ft publish demo --registry 127.0.0.1:5000/team\n\n"
+        "Each stage is also a command of its own (pull, data, train, merge, export, modelfile,\n"
+        "register, eval) and works on a run directory under runs/. `ollama-ft status RUN` shows\n"
+        "which stages are done."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Validate, prepare and inspect a dataset.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+_state = {"verbose": False}
+
+ConfigArg = Annotated[Path, typer.Argument(help="YAML config, e.g. configs/demo.yaml", show_default=False)]
+RunArg = Annotated[str, typer.Argument(help="Run name (runs/<name>) or run directory", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config value: section.key=value (repeatable)"),
+]
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks and debug output")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit")] = False,
+) -> None:
+    _state["verbose"] = verbose
+    if verbose:
+        os.environ["OLLAMA_FT_VERBOSE"] = "1"
+    if version:
+        from . import __version__
+
+        typer.echo(f"ollama-ft {__version__}")
+        raise typer.Exit(0)
+
+
+# ------------------------------------------------------------------------------------------
+# Pipeline
+
+
+@app.command()
+def train(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    until: Annotated[str | None, typer.Option(help="Stop after this stage (pull, data, train, merge, export, modelfile, register, eval)")] = None,
+    from_: Annotated[str | None, typer.Option("--from", help="Redo from this stage on (earlier done stages are reused)")] = None,
+    force: Annotated[list[str] | None, typer.Option(help="Redo this stage even if done (repeatable)")] = None,
+    resume: Annotated[bool, typer.Option(help="Resume training from the newest checkpoint")] = True,
+    nproc: Annotated[int | None, typer.Option(help="Data-parallel processes for training (torchrun)")] = None,
+    name: Annotated[str | None, typer.Option(help="Model name in Ollama (default: ollama.name or the run name)")] = None,
+) -> None:
+    """Run the whole pipeline: pull -> data -> train -> merge -> export -> modelfile -> register -> eval.
+
+    Finished stages are skipped (their fingerprint matches), so re-running continues where it
+    stopped. Without a reachable Ollama server it stops after the Modelfile and prints the
+    `ollama create` command to register by hand.
+    """
+    from .pipeline import run_pipeline
+
+    overrides = list(set_ or [])
+    if nproc:
+        overrides.append(f"training.nproc={nproc}")
+    if name:
+        overrides.append(f"ollama.name={name}")
+    run_pipeline(config, overrides, until=until, from_stage=from_, force=list(force or []), resume=resume)
+
+
+@app.command()
+def pull(
+    spec: Annotated[str, typer.Argument(help="deepseek-r1:7b | Qwen/Qwen2.5-7B-Instruct | ./dir | model.gguf | ollama://name | gemma3:270m")],
+    out: Annotated[Path | None, typer.Option(help="Write the HF directory here (default: a cache dir)")] = None,
+    revision: Annotated[str | None, typer.Option(help="HF revision (commit, tag or branch)")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the repo to run its own Python code")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Only report what would be pulled")] = False,
+) -> None:
+    """Fetch a base model and report architecture, size, licence, chat template and runtime support."""
+    from .sources import pull_command
+
+    pull_command(spec, out=out, revision=revision, trust_remote_code=trust_remote_code, dry_run=dry_run)
+
+
+@data_app.command("validate")
+def data_validate(
+    path: Annotated[Path, typer.Argument(help="File or directory (jsonl, json, csv, parquet, txt)")],
+    format: Annotated[str, typer.Option(help="auto | alpaca | sharegpt | messages | prompt_completion | text")] = "auto",
+    show: Annotated[int, typer.Option(help="How many problems to list")] = 20,
+) -> None:
+    """Check every record; list problems with file:line and field; exit 1 if any."""
+    from .data import validate_command
+
+    validate_command(path, format=format, show=show)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    config: ConfigArg,
+    set_: SetOpt = None,
+) -> None:
+    """Normalise, deduplicate, split, render with the chat template, mask, tokenize (the `data` stage)."""
+    from .pipeline import run_pipeline
+
+    run_pipeline(config, list(set_ or []), until="data")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    run: RunArg,
+    n: Annotated[int, typer.Option(help="Examples to show")] = 3,
+    split: Annotated[str, typer.Option(help="train | validation | test")] = "train",
+) -> None:
+    """Show rendered examples with the trained (assistant) tokens highlighted."""
+    from .data import inspect_command
+
+    inspect_command(run, n=n, split=split)
+
+
+@app.command()
+def plan(
+    config: ConfigArg,
+    budget: Annotated[str, typer.Option(help="GPU memory budget, e.g. 16GB")] = "16GB",
+    set_: SetOpt = None,
+    ram: Annotated[str | None, typer.Option(help="System RAM budget for merge/export, e.g. 16GB")] = None,
+) -> None:
+    """Predict peak memory for training, merge and export from the model config alone; go/no-go."""
+    from .plan import plan_command
+
+    plan_command(config, budget=budget, overrides=list(set_ or []), ram=ram)
+
+
+@app.command()
+def merge(
+    run: RunArg,
+    merge_base: Annotated[str, typer.Option(help="full (default) | dequantized (merge into the 4-bit copy)")] = "full",
+    force: Annotated[bool, typer.Option(help="Redo even if done")] = False,
+) -> None:
+    """Merge the adapter into the full-precision base, shard by shard, and prove it by logits."""
+    from .pipeline import run_single_stage
+
+    run_single_stage(run, "merge", force=force, overrides=[f"model.merge_base={merge_base}"])
+
+
+@app.command()
+def export(
+    run: RunArg,
+    quant: Annotated[list[str] | None, typer.Option(help="Q4_K_M (default), Q5_K_M, Q6_K, Q8_0, F16; repeatable")] = None,
+    adapter: Annotated[bool, typer.Option(help="Also export the LoRA as a GGUF adapter")] = False,
+    force: Annotated[bool, typer.Option(help="Redo even if done")] = False,
+) -> None:
+    """Convert the merged model to GGUF with llama.cpp's converter, quantize, verify every file."""
+    from .pipeline import run_single_stage
+
+    overrides = []
+    if quant:
+        overrides.append("export.quants=[" + ",".join(quant) + "]")
+    if adapter:
+        overrides.append("export.adapter_gguf=true")
+    run_single_stage(run, "export", force=force, overrides=overrides)
+
+
+@app.command()
+def modelfile(
+    run: RunArg,
+    check: Annotated[bool, typer.Option(help="Prove the Go TEMPLATE renders exactly like the training chat template")] = False,
+    name: Annotated[str | None, typer.Option(help="Model name (file: modelfiles/<name>.Modelfile)")] = None,
+    force: Annotated[bool, typer.Option(help="Redo even if done")] = False,
+) -> None:
+    """Write an Ollama Modelfile whose TEMPLATE and stop tokens match the training chat template."""
+    from .pipeline import run_single_stage
+
+    overrides = [f"ollama.name={name}"] if name else []
+    if check:
+        from .modelfile import check_run_command
+
+        check_run_command(run)
+        return
+    run_single_stage(run, "modelfile", force=force, overrides=overrides)
+
+
+@app.command()
+def register(
+    run: RunArg,
+    name: Annotated[str | None, typer.Option(help="Model name in Ollama, e.g. my-medical-model")] = None,
+    host: Annotated[str | None, typer.Option(help="Ollama URL (default: $OLLAMA_HOST or http://127.0.0.1:11434)")] = None,
+    force: Annotated[bool, typer.Option(help="Register even if the evaluation gate refuses")] = False,
+) -> None:
+    """Upload the GGUF (only if missing) and create the model through the Ollama API, then verify."""
+    from .pipeline import run_single_stage
+
+    overrides = [f"ollama.name={name}"] if name else []
+    if host:
+        overrides.append(f"ollama.host={host}")
+    run_single_stage(run, "register", force=True, overrides=overrides, gate_force=force)
+
+
+@app.command("run")
+def run_model(
+    name: Annotated[str, typer.Argument(help="Model name in Ollama, or a run name with --local")],
+    prompt: Annotated[str, typer.Argument(help="The user message")],
+    local: Annotated[bool, typer.Option(help="Run the run's GGUF with llama-cpp-python instead of Ollama")] = False,
+    system: Annotated[str | None, typer.Option(help="System prompt")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate")] = 256,
+    host: Annotated[str | None, typer.Option(help="Ollama URL")] = None,
+) -> None:
+    """Chat once with a model: through Ollama, or locally on the GGUF with --local."""
+    from .ollama_api import run_command
+
+    run_command(name, prompt, local=local, system=system, max_tokens=max_tokens, host=host)
+
+
+@app.command("eval")
+def eval_(
+    run: RunArg,
+    via: Annotated[str, typer.Option(help="llama_cpp (default: the GGUF files) | ollama (through the API)")] = "llama_cpp",
+    max_examples: Annotated[int | None, typer.Option(help="Evaluate at most this many test examples")] = None,
+    force: Annotated[bool, typer.Option(help="Redo even if done")] = False,
+) -> None:
+    """Base vs tuned on the test split: perplexity, ROUGE-L, BLEU, chrF, stop behaviour, significance."""
+    from .pipeline import run_single_stage
+
+    overrides = [f"eval.via={via}"]
+    if max_examples:
+        overrides.append(f"eval.max_examples={max_examples}")
+    run_single_stage(run, "eval", force=force, overrides=overrides)
+
+
+@app.command()
+def publish(
+    name: Annotated[str, typer.Argument(help="Ollama model name or run name, e.g. my-medical-model")],
+    registry: Annotated[str, typer.Option(help="HOST:PORT\\[/namespace], e.g. 127.0.0.1:5000/team")],
+    tag: Annotated[str | None, typer.Option(help="Tag to push (default: latest)")] = None,
+    insecure: Annotated[bool, typer.Option(help="Allow plain HTTP to a non-loopback registry")] = False,
+    store: Annotated[Path | None, typer.Option(help="Read the model from this Ollama store (default: run artifacts, then ~/.ollama/models)")] = None,
+) -> None:
+    """Push a model to an OCI registry in Ollama's format (no Ollama server needed)."""
+    from .registry import publish_command
+
+    publish_command(name, registry=registry, tag=tag, insecure=insecure, store=store)
+
+
+@app.command()
+def install(
+    ref: Annotated[str, typer.Argument(help="HOST:PORT/namespace/NAME:TAG")],
+    store: Annotated[Path | None, typer.Option(help="Write into this Ollama store directory instead of the API")] = None,
+    host: Annotated[str | None, typer.Option(help="Ollama URL")] = None,
+    insecure: Annotated[bool, typer.Option(help="Allow plain HTTP to a non-loopback registry")] = False,
+    name: Annotated[str | None, typer.Option(help="Local name (default: NAME:TAG)")] = None,
+) -> None:
+    """Fetch a model from a registry (every digest verified) and register it into the local Ollama."""
+    from .registry import install_command
+
+    install_command(ref, store=store, host=host, insecure=insecure, name=name)
+
+
+@app.command()
+def status(
+    run: RunArg,
+    runs_dir: Annotated[str, typer.Option(help="Where runs live")] = "runs",
+) -> None:
+    """Show each stage of a run: done / stale / pending, with artifacts and timings."""
+    from . import ui
+    from .runs import Run
+
+    r = Run.open(run, runs_dir)
+    rows = r.status()
+    color = {"done": "green", "stale": "yellow", "pending": "dim"}
+    ui.table(
+        f"run {r.root}",
+        ["stage", "state", "seconds", "artifacts"],
+        [[x["stage"], f"[{color[x['state']]}]{x['state']}[/]" + (f" ({x['reason']})" if x.get("reason") else ""),
+          "" if x["seconds"] is None else f"{x['seconds']:.1f}", x["artifacts"]] for x in rows],
+    )
+
+
+@app.command()
+def doctor(
+    host: Annotated[str | None, typer.Option(help="Ollama URL to probe")] = None,
+) -> None:
+    """Check what works on this machine (torch, CUDA, 4-bit, llama.cpp, converter, Ollama, disk), with fixes."""
+    from .doctor import doctor_command
+
+    doctor_command(host=host)
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        from . import ui
+
+        ui.print_error(e.message, e.hint, e.details)
+        if _state["verbose"]:
+            import traceback
+
+            traceback.print_exc()
+        sys.exit(1)
+    except KeyboardInterrupt:
+        from . import ui
+
+        ui.print_error("interrupted; finished stages are kept, re-run the same command to continue")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

