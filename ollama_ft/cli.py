@@ -256,11 +256,17 @@ def publish(
     tag: Annotated[str | None, typer.Option(help="Tag to push (default: latest)")] = None,
     insecure: Annotated[bool, typer.Option(help="Allow plain HTTP to a non-loopback registry")] = False,
     store: Annotated[Path | None, typer.Option(help="Read the model from this Ollama store (default: run artifacts, then ~/.ollama/models)")] = None,
+    chunk_mb: Annotated[float, typer.Option(help="Upload chunk size in MiB; an interrupted publish resumes at a chunk boundary")] = 64,
 ) -> None:
-    """Push a model to an OCI registry in Ollama's format (no Ollama server needed)."""
+    """Push a model to an OCI registry in Ollama's format (no Ollama server needed).
+
+    Blobs the registry already has are skipped; run the same command again after an
+    interruption and only the missing bytes are sent.
+    """
     from .registry import publish_command
 
-    publish_command(name, registry=registry, tag=tag, insecure=insecure, store=store)
+    publish_command(name, registry=registry, tag=tag, insecure=insecure, store=store,
+                    chunk_size=max(1, int(chunk_mb * (1 << 20))))
 
 
 @app.command()

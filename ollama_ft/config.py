@@ -40,7 +40,9 @@ class ModelSettings(_Section):
     chat_template: str | None = Field(None, description="Chat family to use when the base has no template")
     merge_base: Literal["full", "dequantized"] = Field(
         "full", description="Merge into the full-precision base (default) or the dequantized 4-bit copy")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights dtype of a base dequantized from GGUF (auto: F32/F16/BF16 GGUFs keep theirs, "
+        "quantized ones become bfloat16); HF checkpoints are kept as published")
 
 
 class DataSettings(_Section):
@@ -85,7 +87,8 @@ class TrainingSettings(_Section):
     patience: int | None = Field(3, ge=1, description="Early stopping: evals without improvement")
     dropout_rate: float | None = Field(None, ge=0, lt=1, description="Alias of lora.dropout (common in guides)")
     packing: bool = Field(True, description="Padding-free packing of examples into each micro-batch")
-    loss_chunk_size: int = Field(1024, ge=16, description="Tokens per chunk in the chunked cross-entropy")
+    loss_chunk_size: int = Field(256, ge=16, description="Trained tokens per chunk in the chunked cross-entropy "
+                                 "(256 x a 152k vocab = 0.3 GB of logits)")
     tensorboard: bool = False
     nproc: int = Field(1, ge=1, description="Data-parallel processes (torchrun)")
 
@@ -102,6 +105,8 @@ class ExportSettings(_Section):
     outtype: Literal["f16", "bf16"] = "f16"
     verify: bool = True
     adapter_gguf: bool = Field(False, description="Also export the LoRA as a GGUF adapter")
+    tokenizer_parity: Literal["error", "warn"] = Field(
+        "error", description="llama.cpp token ids differing from the HF tokenizer's: stop (error) or report (warn)")
 
 
 class OllamaSettings(_Section):
@@ -120,10 +125,16 @@ class PublishSettings(_Section):
 
 
 class EvalSettings(_Section):
-    max_new_tokens: int = Field(96, ge=1)
-    max_examples: int | None = Field(64, ge=1)
+    max_new_tokens: int = Field(96, ge=1, description="Most tokens generated per test answer (greedy)")
+    max_examples: int | None = Field(64, ge=1, description="Evaluate the first N test examples (null: all)")
     via: Literal["llama_cpp", "ollama"] = "llama_cpp"
-    gate: bool = True
+    gate: bool = Field(True, description="Registration refuses a tuned model that is significantly worse")
+    bootstrap_samples: int = Field(2000, ge=100, description="Paired-bootstrap resamples for the CIs")
+    seed: int = Field(0, description="Seed of the bootstrap and of llama.cpp")
+    limit_margin: float = Field(0.25, gt=0, le=1, description=(
+        "Gate: refuse when the tuned model hits the token limit this share of answers more than the base"))
+    drift: bool = Field(True, description="Also score validation perplexity of every exported GGUF")
+    threads: int | None = Field(None, ge=1, description="llama.cpp CPU threads (default: cores, at most 8)")
 
 
 class RunConfig(_Section):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -242,6 +243,35 @@ def preflight(hf_dir: str | Path) -> dict[str, Any]:
     return res
 
 
+def _converter_view(hf_dir: Path, scratch: Path) -> Path:
+    """hf_dir itself, or a symlinked copy whose tokenizer_config.json lists the added tokens.
+
+    transformers 5 keeps added tokens (ChatML markers, <start_of_turn>...) only in tokenizer.json, while
+    the converter's SentencePiece path reads them from tokenizer_config.json `added_tokens_decoder`.
+    Without them the markers become NORMAL pieces and llama.cpp splits them into characters.
+    """
+    tj, tc = hf_dir / "tokenizer.json", hf_dir / "tokenizer_config.json"
+    if not tj.is_file() or not (hf_dir / "tokenizer.model").is_file():
+        return hf_dir
+    try:
+        added = json.loads(tj.read_text(encoding="utf-8")).get("added_tokens") or []
+        conf = json.loads(tc.read_text(encoding="utf-8")) if tc.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return hf_dir
+    if not added or conf.get("added_tokens_decoder"):
+        return hf_dir
+    scratch.mkdir(parents=True, exist_ok=True)
+    for p in hf_dir.iterdir():
+        if p.name != "tokenizer_config.json":
+            (scratch / p.name).symlink_to(p.resolve())
+    conf["added_tokens_decoder"] = {
+        str(t["id"]): {k: t.get(k, False) for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+        for t in added
+    }
+    (scratch / "tokenizer_config.json").write_text(json.dumps(conf, indent=1, ensure_ascii=False))
+    return scratch
+
+
 def convert_to_gguf(hf_dir: str | Path, out_path: str | Path, outtype: str = "f16",
                     metadata: dict[str, Any] | None = None, model_name: str | None = None) -> dict[str, Any]:
     """Convert an HF model directory to one GGUF file with llama.cpp's converter.
@@ -264,11 +294,14 @@ def convert_to_gguf(hf_dir: str | Path, out_path: str | Path, outtype: str = "f1
     if metadata:
         meta_file.write_text(json.dumps(metadata, indent=1))
         args += ["--metadata", str(meta_file)]
-    if model_name:
-        args += ["--model-name", model_name]
+    # Name from metadata, else the model directory (not the scratch view's name).
+    if model_name or not (metadata or {}).get("general.name"):
+        args += ["--model-name", model_name or hf_dir.resolve().name]
+    scratch = out_path.with_name(f".{out_path.name}.view-{os.getpid()}")
     t0 = time.perf_counter()
     try:
-        res, _tail, phases = _run_driver("convert", hf_dir, args, total_tensors=_count_tensors(hf_dir),
+        src = _converter_view(hf_dir, scratch)
+        res, _tail, phases = _run_driver("convert", src, args, total_tensors=_count_tensors(hf_dir),
                                          label=f"GGUF {outtype.upper()}")
         if not tmp.is_file() or tmp.stat().st_size == 0:
             raise UserError(f"the converter finished but wrote no file for {hf_dir}")
@@ -277,5 +310,7 @@ def convert_to_gguf(hf_dir: str | Path, out_path: str | Path, outtype: str = "f1
         for p in (tmp, meta_file):
             if p.exists():
                 p.unlink()
+        if scratch.exists():
+            shutil.rmtree(scratch)
     return {"path": str(out_path), "bytes": out_path.stat().st_size, "seconds": round(time.perf_counter() - t0, 3),
             "phases": phases, "architecture": res.get("architecture"), "tokenizer": res.get("tokenizer")}

@@ -126,7 +126,7 @@ def score_generations(preds: Sequence[str], refs: Sequence[str], hit_limit: Sequ
     """Per-example scores plus corpus-level headline numbers for one model's generations."""
     if len(preds) != len(refs):
         raise ValueError(f"{len(preds)} predictions for {len(refs)} references")
-    per: dict[str, list[float]] = {k: [fn(p, r) for p, r in zip(preds, refs)]
+    per: dict[str, list[float]] = {k: [fn(p, r) for p, r in zip(preds, refs, strict=False)]
                                    for k, (fn, _, _) in PAIRED_TEXT_METRICS.items()}
     per["answer_words"] = [float(len(words(p))) for p in preds]
     per["answer_tokens"] = [float(t) for t in gen_tokens]
@@ -171,7 +171,8 @@ def paired_test(base: Sequence[float], tuned: Sequence[float], *, n_boot: int = 
     - bootstrap two-sided p: twice the smaller share of resampled means on either side of 0;
     - Wilcoxon signed-rank p (scipy; zero differences dropped, 1.0 when all are zero);
     - effect sizes: Cohen's dz = mean(d)/sd(d), and the matched-pairs rank-biserial correlation.
-    `significant` means the (1-alpha) CI excludes 0.
+    `significant` means both agree: the (1-alpha) CI excludes 0 AND Wilcoxon p < alpha. The bootstrap
+    alone calls any constant shift significant, even on one or two examples; the rank test does not.
     """
     a = np.asarray(base, dtype=float)
     b = np.asarray(tuned, dtype=float)
@@ -208,7 +209,7 @@ def paired_test(base: Sequence[float], tuned: Sequence[float], *, n_boot: int = 
     return {
         "n": n, "mean_diff": mean_d, "ci_low": lo, "ci_high": hi, "p_bootstrap": p_boot,
         "p_wilcoxon": p_w, "cohens_dz": dz, "rank_biserial": float(rbc),
-        "significant": bool(lo > 0 or hi < 0),
+        "significant": bool((lo > 0 or hi < 0) and p_w < alpha),
     }
 
 

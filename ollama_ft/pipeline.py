@@ -21,7 +21,7 @@ def stage_settings(cfg: RunConfig, stage: str) -> dict[str, Any]:
     """The config values a stage's output depends on (part of its fingerprint)."""
     dump = cfg.model_dump(mode="json")
     m = dump["model"]
-    return {
+    settings = {
         "pull": {k: m[k] for k in ("base", "revision", "trust_remote_code", "dtype")},
         "data": {"data": dump["data"], "chat_template": m["chat_template"]},
         "train": {"lora": dump["lora"], "training": {k: v for k, v in dump["training"].items() if k not in ("tensorboard", "logging_steps", "nproc")},
@@ -32,6 +32,11 @@ def stage_settings(cfg: RunConfig, stage: str) -> dict[str, Any]:
         "register": {"ollama": dump["ollama"], "name": cfg.ollama_name},
         "eval": {"eval": dump["eval"]},
     }[stage]
+    if stage == "data":  # an edited data file must re-run the data stage
+        from .data import data_files_digest
+
+        settings = {**settings, "files": data_files_digest(cfg)}
+    return settings
 
 
 def _build(stage: str, run: Run, cfg: RunConfig, *, resume: bool = True, gate_force: bool = False):

@@ -77,3 +77,13 @@ def gemma_gguf(tmp_path_factory) -> Path:
     out = d / "gemma3-270m-Q4_K_M.gguf"
     g.assemble(str(out))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, tiny_llama) -> Path:
+    """The tiny llama converted to an F16 GGUF with llama.cpp's converter (loadable by llama-cpp-python)."""
+    from ollama_ft.converter import convert_to_gguf
+
+    out = tmp_path_factory.mktemp("tiny_gguf") / "tiny-llama-F16.gguf"
+    convert_to_gguf(tiny_llama, out, outtype="f16")
+    return out

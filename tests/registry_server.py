@@ -11,8 +11,10 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -101,8 +103,8 @@ def start_registry(workdir: Path, timeout: float = 20.0) -> RegistryServer:
         time.sleep(0.1)
 
 
-@pytest.fixture
-def oci_registry(tmp_path_factory):
+@pytest.fixture(name="oci_registry")
+def oci_registry_fixture(tmp_path_factory):
     """A fresh registry per test, stopped at teardown."""
     if shutil.which(BINARY) is None:
         pytest.skip(f"`{BINARY}` not installed (Debian: apt-get install -y docker-registry)")
@@ -111,3 +113,75 @@ def oci_registry(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+class HoldingProxy:
+    """A reverse proxy in front of a registry that counts forwarded PATCH bytes and can hold PATCHes.
+
+    With `hold_after = N`, the (N+1)-th PATCH is neither read nor forwarded: `held` is set and
+    the request waits until `release` is set, then the connection is dropped. A client killed
+    meanwhile dies mid-upload, with the registry holding exactly the first N chunks.
+    """
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream.rstrip("/")
+        self.url = ""
+        self.hold_after: int | None = None
+        self.patches = 0
+        self.patch_bytes = 0
+        self.held = threading.Event()
+        self.release = threading.Event()
+        self._server: ThreadingHTTPServer | None = None
+
+    def start(self) -> HoldingProxy:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format, *args):  # noqa: A002 - quiet
+                pass
+
+            def _forward(self) -> None:
+                method = self.command
+                if method == "PATCH" and proxy.hold_after is not None and proxy.patches >= proxy.hold_after:
+                    proxy.held.set()
+                    proxy.release.wait(60)
+                    self.close_connection = True
+                    return
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else b""
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "content-length", "connection", "transfer-encoding")}
+                r = httpx.request(method, proxy.upstream + self.path, content=body, headers=headers, timeout=30)
+                if method == "PATCH" and r.status_code == 202:
+                    proxy.patches += 1
+                    proxy.patch_bytes += len(body)
+                self.send_response(r.status_code)
+                for k, v in r.headers.items():
+                    if k.lower() in ("content-length", "transfer-encoding", "connection", "content-encoding"):
+                        continue
+                    self.send_header(k, v.replace(proxy.upstream, proxy.url))
+                length = r.headers.get("Content-Length") if method == "HEAD" else str(len(r.content))
+                self.send_header("Content-Length", length or "0")
+                self.end_headers()
+                if method != "HEAD":
+                    self.wfile.write(r.content)
+
+            do_GET = do_HEAD = do_POST = do_PATCH = do_PUT = do_DELETE = _forward  # noqa: N815
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    @property
+    def host(self) -> str:
+        return self.url.removeprefix("http://")
+
+    def stop(self) -> None:
+        self.release.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()

@@ -67,10 +67,19 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 512):
     (out_dir / "tokenizer.model").write_bytes(model.getvalue())
     # In transformers 5, LlamaTokenizer(vocab_file=...) silently builds a 3-token vocabulary;
     # from_pretrained on a directory holding tokenizer.model loads it properly.
-    tok = LlamaTokenizer.from_pretrained(str(out_dir), legacy=False, add_bos_token=True, add_eos_token=False)
+    # legacy=True: a space prefix after special tokens, as llama.cpp's SentencePiece tokenizer does (token parity).
+    tok = LlamaTokenizer.from_pretrained(str(out_dir), legacy=True, add_bos_token=True, add_eos_token=False)
     tok.chat_template = CHATML_TEMPLATE
     tok.pad_token = tok.unk_token
     tok.save_pretrained(str(out_dir))
+    # transformers 5 does not save `legacy`; reloading as LlamaTokenizer would drop the space after special
+    # tokens that llama.cpp adds. The generic class keeps tokenizer.json's pre-tokenizer as saved.
+    import json
+
+    conf_path = out_dir / "tokenizer_config.json"
+    conf = json.loads(conf_path.read_text())
+    conf["tokenizer_class"] = "PreTrainedTokenizerFast"
+    conf_path.write_text(json.dumps(conf, indent=2, ensure_ascii=False))
     (out_dir / "chat_template.jinja").write_text(CHATML_TEMPLATE)
     return tok
 
@@ -88,7 +97,7 @@ def build_model(out_dir: Path, arch: str = "llama", seed: int = 0, tokenizer_dir
 
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         tok.save_pretrained(str(out_dir))
-        for f in ("tokenizer.model", "chat_template.jinja"):
+        for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             src = Path(tokenizer_dir) / f
             if src.exists():
                 (out_dir / f).write_bytes(src.read_bytes())

@@ -1,0 +1,804 @@
+"""Chat families: an Ollama Go TEMPLATE that renders exactly what the training chat template rendered.
+
+A chat family is one way of laying out a conversation (ChatML, Llama 3, Gemma 3, ...). For each family
+this module holds:
+
+- `go_template`: a Go `text/template` for Ollama's Messages mode (contract section 6.1). It renders,
+  for the messages Ollama passes to it, exactly the text the Hugging Face jinja template renders for
+  the same messages with `add_generation_prompt=True`. A conversation that ends with an assistant
+  message is a prefill: its text is left open, as `continue_final_message=True` does in transformers.
+- `stop`: the Modelfile `PARAMETER stop` values (the family's turn markers).
+- `jinja`: an own-written HF-style template (`family_jinja`) for bases that ship none; it renders the
+  same text as the Go template.
+
+Conventions that make strings *and* token ids equal (see `check_fidelity`):
+
+- Role merging. Ollama merges consecutive messages with the same role (except "tool") with "\\n\\n"
+  before rendering, and prepends the stored SYSTEM as a system message when the first message is not
+  one. The comparison gives the HF template the same merged list (`ollama_view`), because that is
+  what Ollama feeds the model.
+- BOS. llama.cpp (and so Ollama) adds the BOS token at tokenization when the GGUF says
+  `tokenizer.ggml.add_bos_token=true`. HF templates usually write the `bos_token` text themselves.
+  The Go template therefore never writes BOS when the GGUF adds it, and writes the BOS text itself
+  (`ChatFamily.build(emit_bos=True)`) when the GGUF does not add it but training had one. The
+  comparison is `hf_text == bos_text * add_bos + go_text`, and for ids
+  `hf_ids == [bos_id] * add_bos + ids(go_text)`.
+- Dates. The Llama 3.1 template writes "Today Date: 26 Jul 2024" unless a `date_string` is passed;
+  training passes none, so the Go template writes that fixed text rather than Ollama's `currentDate`.
+- `| trim` in a jinja template strips Python whitespace; Go templates have no trim, so the families
+  that trim use recursive `define`d templates (`trim`, `after_think`) built from `slice` and `len`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+# ------------------------------------------------------------------------------------------
+# Go helpers shared by several families
+
+# Every character Python's str.strip() (hence jinja's `trim`) removes, grouped by UTF-8 length.
+_PY_WHITESPACE = [chr(c) for c in (0x9, 0xA, 0xB, 0xC, 0xD, 0x1C, 0x1D, 0x1E, 0x1F, 0x20, 0x85, 0xA0, 0x1680,
+                                   *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F, 0x205F, 0x3000)]
+
+
+def _go_quote(s: str) -> str:
+    """A Go string literal using only printable ASCII (Modelfile parsing drops non-printable runes)."""
+    out = []
+    for ch in s:
+        o = ord(ch)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif 0x20 <= o < 0x7F:
+            out.append(ch)
+        elif o < 0x80:
+            out.append(f"\\x{o:02x}")
+        elif o <= 0xFFFF:
+            out.append(f"\\u{o:04x}")
+        else:
+            out.append(f"\\U{o:08x}")
+    return '"' + "".join(out) + '"'
+
+
+def _ws_cond(nbytes: int, at_end: bool) -> str:
+    chars = [c for c in _PY_WHITESPACE if len(c.encode()) == nbytes]
+    part = f"(slice . (len (slice . {nbytes})))" if at_end else f"(slice . 0 {nbytes})"
+    alts = " ".join(f"(eq {part} {_go_quote(c)})" for c in chars)
+    return f"and (ge (len .) {nbytes}) (or {alts})"
+
+
+def _trim_defines() -> str:
+    # trim = strip leading Python whitespace, then trailing; recursion depth = whitespace run length.
+    left = "".join(
+        f"{{{{ {'if' if n == 1 else 'else if'} {_ws_cond(n, False)} }}}}{{{{ template \"ltrim\" (slice . {n}) }}}}"
+        for n in (1, 2, 3))
+    right = "".join(
+        f"{{{{ {'if' if n == 1 else 'else if'} {_ws_cond(n, True)} }}}}"
+        f"{{{{ template \"rtrim\" (slice . 0 (len (slice . {n}))) }}}}"
+        for n in (1, 2, 3))
+    return (
+        '{{- define "trim" }}{{ template "ltrim" . }}{{ end }}\n'
+        '{{- define "ltrim" }}' + left + '{{ else }}{{ template "rtrim" . }}{{ end }}{{ end }}\n'
+        '{{- define "rtrim" }}' + right + "{{ else }}{{ . }}{{ end }}{{ end }}\n"
+    )
+
+
+# after_think(s) writes the part of s after its last "</think>" (all of s when there is none), like
+# jinja's `s.split('</think>')[-1]`: f(s) = "" if s ends with "</think>", else f(s[:-1]) + s[-1].
+_AFTER_THINK_DEFINE = (
+    '{{- define "after_think" }}{{ if . }}'
+    '{{ if and (ge (len .) 8) (eq (slice . (len (slice . 8))) "</think>") }}'
+    '{{ else }}{{ template "after_think" (slice . 0 (len (slice . 1))) }}{{ slice . (len (slice . 1)) }}{{ end }}'
+    "{{ end }}{{ end }}\n"
+)
+
+_LAST = "{{- $last := eq (len (slice $.Messages $i)) 1 }}"
+# $hasSys/$sys: the first message is a system one (after Ollama's merge), and its text.
+_FIRST_SYSTEM = (
+    '{{- $hasSys := false }}{{ $sys := "" }}'
+    '{{- if .Messages }}{{ if eq (index .Messages 0).Role "system" }}'
+    "{{ $hasSys = true }}{{ $sys = (index .Messages 0).Content }}{{ end }}{{ end -}}\n"
+)
+_BOS = "@@BOS@@"
+_EOS = "@@EOS@@"
+
+
+# ------------------------------------------------------------------------------------------
+# Families
+
+
+@dataclass(frozen=True)
+class ChatFamily:
+    """One chat layout: Go TEMPLATE, stop tokens, token conventions and a fallback jinja template."""
+
+    name: str
+    description: str
+    go_template_source: str  # with @@EOS@@ where the family writes the tokenizer's eos text
+    stop: tuple[str, ...]
+    bos_token: str | None  # the strings the family's tokenizers use (for checks without a tokenizer)
+    eos_token: str | None
+    template_emits_bos: bool  # the HF template writes bos_token text first
+    add_bos: bool  # the family's GGUFs set tokenizer.ggml.add_bos_token
+    jinja: str
+    markers: tuple[str, ...]  # all must appear in a jinja template for it to be a candidate
+    notes: str = ""
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+    def build(self, *, emit_bos: bool = False, bos_token: str | None = None, eos_token: str | None = None) -> str:
+        """The Go TEMPLATE text. emit_bos: write the BOS text (when the GGUF does not add BOS itself)."""
+        eos = eos_token if eos_token is not None else (self.eos_token or "")
+        text = self.go_template_source.replace(_EOS, eos)
+        if emit_bos:
+            bos = bos_token if bos_token is not None else self.bos_token
+            if not bos:
+                raise UserError(f"chat family '{self.name}' needs a BOS token text, and the tokenizer has none")
+            text = bos + text
+        return text
+
+    @property
+    def go_template(self) -> str:
+        """The Go TEMPLATE for the family's usual tokenizer (GGUF adds BOS when the template wrote it)."""
+        return self.build(emit_bos=self.template_emits_bos and not self.add_bos)
+
+
+def _chatml_go(default_system: str | None) -> str:
+    head = ""
+    if default_system is not None:
+        head = ("{{- if not (and .Messages (eq (index .Messages 0).Role \"system\")) }}<|im_start|>system\n"
+                + default_system + "<|im_end|>\n{{ end }}\n")
+    return head + (
+        "{{- range $i, $_ := .Messages }}\n" + _LAST + "\n"
+        "{{- if or (not $last) (ne .Role \"assistant\") }}<|im_start|>{{ .Role }}\n"
+        "{{ .Content }}<|im_end|>\n"
+        "{{ else }}<|im_start|>{{ .Role }}\n"
+        "{{ .Content }}\n"
+        "{{- end }}\n"
+        "{{- if and $last (ne .Role \"assistant\") }}<|im_start|>assistant\n"
+        "{{ end }}\n"
+        "{{- end }}"
+    )
+
+
+_QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+_CHATML_JINJA = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+_QWEN_JINJA = (
+    "{%- if not (messages and messages[0]['role'] == 'system') %}"
+    "{{- '<|im_start|>system\\n" + _QWEN_SYSTEM + "<|im_end|>\\n' }}"
+    "{%- endif %}" + _CHATML_JINJA
+)
+
+_R1_GO = (
+    _AFTER_THINK_DEFINE
+    + '{{- $sys := "" }}{{ range .Messages }}{{ if eq .Role "system" }}{{ $sys = .Content }}{{ end }}{{ end }}'
+    "{{ $sys }}\n"
+    "{{- range $i, $_ := .Messages }}\n" + _LAST + "\n"
+    "{{- if eq .Role \"user\" }}<｜User｜>{{ .Content }}\n"
+    "{{- else if eq .Role \"assistant\" }}<｜Assistant｜>"
+    "{{ if $last }}{{ .Content }}{{ else }}{{ template \"after_think\" .Content }}<｜end▁of▁sentence｜>{{ end }}\n"
+    "{{- end }}\n"
+    "{{- if and $last (ne .Role \"assistant\") }}<｜Assistant｜><think>\n"
+    "{{ end }}\n"
+    "{{- end }}"
+)
+
+_R1_JINJA = (
+    "{%- set ns = namespace(system='') %}"
+    "{%- for message in messages %}{% if message['role'] == 'system' %}{% set ns.system = message['content'] %}"
+    "{% endif %}{% endfor %}"
+    "{{- bos_token }}{{ ns.system }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{{ '<｜Assistant｜>' + message['content'].split('</think>')[-1] + '<｜end▁of▁sentence｜>' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
+)
+
+_DSLLM_GO = (
+    "{{- range $i, $_ := .Messages }}\n" + _LAST + "\n"
+    "{{- if eq .Role \"user\" }}User: {{ .Content }}\n\n"
+    "{{ else if eq .Role \"assistant\" }}Assistant: {{ .Content }}{{ if not $last }}" + _EOS + "{{ end }}\n"
+    "{{- else if eq .Role \"system\" }}{{ .Content }}\n\n"
+    "{{ end }}\n"
+    "{{- if and $last (ne .Role \"assistant\") }}Assistant:{{ end }}\n"
+    "{{- end }}"
+)
+
+_DSLLM_JINJA = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\\n\\n' }}"
+    "{%- elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}"
+    "{%- elif message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+_LLAMA3_TURNS = (
+    "<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
+    "{{ template \"trim\" .Content }}{{ if or (not $last) (ne .Role \"assistant\") }}<|eot_id|>{{ end }}\n"
+)
+_LLAMA3_GEN = "{{- if and $last (ne .Role \"assistant\") }}<|start_header_id|>assistant<|end_header_id|>\n\n{{ end }}\n"
+
+_LLAMA3_GO = (
+    _trim_defines()
+    + "{{- range $i, $_ := .Messages }}\n" + _LAST + _LLAMA3_TURNS + _LLAMA3_GEN + "{{- end }}"
+)
+
+_LLAMA3_JINJA = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+LLAMA31_DATE = "26 Jul 2024"
+
+_LLAMA31_GO = (
+    _trim_defines() + _FIRST_SYSTEM
+    + "<|start_header_id|>system<|end_header_id|>\n\n"
+    "Cutting Knowledge Date: December 2023\n"
+    "Today Date: " + LLAMA31_DATE + "\n\n"
+    "{{ if $hasSys }}{{ template \"trim\" $sys }}{{ end }}<|eot_id|>\n"
+    "{{- range $i, $_ := .Messages }}\n" + _LAST + "\n"
+    "{{- if not (and (eq $i 0) $hasSys) }}" + _LLAMA3_TURNS + "{{- end }}\n"
+    + _LLAMA3_GEN + "{{- end }}"
+)
+
+_LLAMA31_JINJA = (
+    "{{- bos_token }}"
+    "{%- if messages and messages[0]['role'] == 'system' %}"
+    "{%- set system_text = messages[0]['content'] | trim %}{%- set turns = messages[1:] %}"
+    "{%- else %}{%- set system_text = '' %}{%- set turns = messages %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\nCutting Knowledge Date: December 2023\\nToday Date: '"
+    " + (date_string if date_string is defined else '" + LLAMA31_DATE + "') + '\\n\\n' + system_text"
+    " + '<|eot_id|>' }}"
+    "{%- for message in turns %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+_MISTRAL_GO = (
+    _trim_defines() + _FIRST_SYSTEM
+    + "{{- range $i, $_ := .Messages }}\n" + _LAST + "\n"
+    "{{- if and (eq $i 0) $hasSys }}\n"
+    "{{- else if eq .Role \"assistant\" }} {{ template \"trim\" .Content }}{{ if not $last }}" + _EOS + "{{ end }}\n"
+    "{{- else }}[INST] {{ if and $last $hasSys }}{{ $sys }}\n\n{{ end }}{{ .Content }}[/INST]\n"
+    "{{- end }}\n"
+    "{{- end }}"
+)
+
+_MISTRAL_JINJA = (
+    "{%- if messages and messages[0]['role'] == 'system' %}"
+    "{%- set system_text = messages[0]['content'] %}{%- set turns = messages[1:] %}"
+    "{%- else %}{%- set system_text = none %}{%- set turns = messages %}{%- endif %}"
+    "{%- for message in turns %}"
+    "{%- if message['role'] not in ['user', 'assistant'] or (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('after an optional system message, roles must alternate user/assistant/user/...') }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{{- bos_token }}"
+    "{%- for message in turns %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if loop.last and system_text is not none %}"
+    "{{- '[INST] ' + system_text + '\\n\\n' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+    "{%- else %}{{- ' ' + message['content'] | trim + eos_token }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+
+_GEMMA3_GO = (
+    _trim_defines() + _FIRST_SYSTEM
+    + "{{- range $i, $_ := .Messages }}\n" + _LAST + "\n"
+    "{{- if not (and (eq $i 0) $hasSys) }}<start_of_turn>{{ if eq .Role \"assistant\" }}model{{ else }}user{{ end }}\n"
+    "{{ if and $hasSys (eq $i 1) }}{{ $sys }}\n\n{{ end }}{{ template \"trim\" .Content }}"
+    "{{ if or (not $last) (ne .Role \"assistant\") }}<end_of_turn>\n{{ end }}\n"
+    "{{- end }}\n"
+    "{{- if and $last (ne .Role \"assistant\") }}<start_of_turn>model\n{{ end }}\n"
+    "{{- end }}"
+)
+
+_GEMMA3_JINJA = (
+    "{{- bos_token }}"
+    "{%- if messages and messages[0]['role'] == 'system' %}"
+    "{%- set prefix = messages[0]['content'] + '\\n\\n' %}{%- set turns = messages[1:] %}"
+    "{%- else %}{%- set prefix = '' %}{%- set turns = messages %}{%- endif %}"
+    "{%- for message in turns %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('after an optional system message, roles must alternate user/assistant/user/...') }}"
+    "{%- endif %}"
+    "{{- '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n'"
+    " + (prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+_PHI3_GO = (
+    "{{- range $i, $_ := .Messages }}\n" + _LAST + "\n"
+    "{{- if or (eq .Role \"system\") (eq .Role \"user\") (eq .Role \"assistant\") }}<|{{ .Role }}|>\n"
+    "{{ .Content }}{{ if or (not $last) (ne .Role \"assistant\") }}<|end|>\n{{ end }}\n"
+    "{{- end }}\n"
+    "{{- if and $last (ne .Role \"assistant\") }}<|assistant|>\n{{ end }}\n"
+    "{{- end }}"
+)
+
+_PHI3_JINJA = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}{{- '<|system|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{%- elif message['role'] == 'user' %}{{- '<|user|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{%- elif message['role'] == 'assistant' %}{{- '<|assistant|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+_DS_BOS, _DS_EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+
+_FAMILIES: dict[str, ChatFamily] = {f.name: f for f in (
+    ChatFamily(
+        name="chatml", description="ChatML without a default system prompt (SmolLM-style, tiny test models)",
+        go_template_source=_chatml_go(None), stop=("<|im_start|>", "<|im_end|>"),
+        bos_token=None, eos_token="<|im_end|>", template_emits_bos=False, add_bos=False,
+        jinja=_CHATML_JINJA, markers=("<|im_start|>",),
+        notes="system messages render in place as ordinary turns"),
+    ChatFamily(
+        name="qwen2.5", description="ChatML with Qwen 2.5's default system prompt (Qwen2.5-*-Instruct)",
+        go_template_source=_chatml_go(_QWEN_SYSTEM), stop=("<|im_start|>", "<|im_end|>"),
+        bos_token=None, eos_token="<|im_end|>", template_emits_bos=False, add_bos=False,
+        jinja=_QWEN_JINJA, markers=("<|im_start|>", "You are Qwen, created by Alibaba Cloud"),
+        notes="without a leading system message the template writes Qwen's default one; tools are not rendered",
+        aliases=("qwen", "qwen2")),
+    ChatFamily(
+        name="deepseek-r1-distill", description="DeepSeek-R1 distills (Qwen/Llama based), <think> reasoning",
+        go_template_source=_R1_GO,
+        stop=(_DS_BOS, _DS_EOS, "<｜User｜>", "<｜Assistant｜>"),
+        bos_token=_DS_BOS, eos_token=_DS_EOS, template_emits_bos=True, add_bos=True,
+        jinja=_R1_JINJA, markers=("<｜User｜>", "<｜Assistant｜>", "</think>"),
+        notes="only the last system message is used, written first; earlier assistant turns lose everything up "
+              "to their last </think>; the generation prompt opens a <think> block",
+        aliases=("deepseek-r1",)),
+    ChatFamily(
+        name="deepseek-llm-chat", description="DeepSeek LLM chat (User:/Assistant: turns)",
+        go_template_source=_DSLLM_GO, stop=("User:", "Assistant:", _DS_EOS),
+        bos_token=_DS_BOS, eos_token=_DS_EOS, template_emits_bos=True, add_bos=True,
+        jinja=_DSLLM_JINJA, markers=("User: ", "Assistant:"),
+        notes="system messages render in place followed by a blank line", aliases=("deepseek-llm",)),
+    ChatFamily(
+        name="llama3", description="Llama 3 instruct (header/eot turns, no date header)",
+        go_template_source=_LLAMA3_GO, stop=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", template_emits_bos=True, add_bos=True,
+        jinja=_LLAMA3_JINJA, markers=("<|start_header_id|>", "<|eot_id|>"),
+        notes="message contents are trimmed like jinja's `trim`"),
+    ChatFamily(
+        name="llama3.1", description="Llama 3.1 instruct (system header with knowledge/today date)",
+        go_template_source=_LLAMA31_GO,
+        stop=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>"),
+        bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", template_emits_bos=True, add_bos=True,
+        jinja=_LLAMA31_JINJA, markers=("<|start_header_id|>", "Cutting Knowledge Date"),
+        notes=f"the system header always says 'Today Date: {LLAMA31_DATE}' (the template's default, which "
+              "training used), not Ollama's currentDate; tools are not rendered"),
+    ChatFamily(
+        name="mistral", description="Mistral instruct v0.3 ([INST] turns, system joined to the last user turn)",
+        go_template_source=_MISTRAL_GO, stop=("[INST]", "[/INST]", "</s>"),
+        bos_token="<s>", eos_token="</s>", template_emits_bos=True, add_bos=True,
+        jinja=_MISTRAL_JINJA, markers=("[INST]", "[/INST]"),
+        notes="the system message goes into the last user turn only (as the v0.3 template does); no generation "
+              "prompt after [/INST]; a system message after the first turn renders as a user turn (the HF "
+              "template refuses it)"),
+    ChatFamily(
+        name="gemma3", description="Gemma 3 instruct (<start_of_turn> turns, system folded into the first user turn)",
+        go_template_source=_GEMMA3_GO, stop=("<start_of_turn>", "<end_of_turn>"),
+        bos_token="<bos>", eos_token="<eos>", template_emits_bos=True, add_bos=True,
+        jinja=_GEMMA3_JINJA, markers=("<start_of_turn>",),
+        notes="a leading system message is prepended to the first user turn; a later system message renders "
+              "as a user turn (the HF template refuses it)", aliases=("gemma", "gemma2")),
+    ChatFamily(
+        name="phi3", description="Phi-3 instruct (<|user|>/<|assistant|> turns ending in <|end|>)",
+        go_template_source=_PHI3_GO, stop=("<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<|endoftext|>"),
+        bos_token="<s>", eos_token="<|endoftext|>", template_emits_bos=False, add_bos=False,
+        jinja=_PHI3_JINJA, markers=("<|user|>", "<|assistant|>", "<|end|>"),
+        notes="system messages render in place, even when empty"),
+)}
+_ALIASES = {a: f.name for f in _FAMILIES.values() for a in f.aliases}
+
+
+def family_names() -> list[str]:
+    """Names of the known chat families."""
+    return list(_FAMILIES)
+
+
+def get_family(name: str) -> ChatFamily:
+    """The family called `name` (or one of its aliases); a UserError naming what exists otherwise."""
+    key = (name or "").strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in _FAMILIES:
+        raise UserError(
+            f"unknown chat family '{name}': ollama-ft has no Go TEMPLATE for it",
+            hint=f"known families: {', '.join(_FAMILIES)} (aliases: {', '.join(sorted(_ALIASES))}); "
+                 "a new family needs a Go template, stop tokens and a jinja template in ollama_ft/chat_templates.py")
+    return _FAMILIES[key]
+
+
+def family_jinja(family: str) -> str:
+    """An HF-style jinja chat template for the family (used when a base model ships none)."""
+    return get_family(family).jinja
+
+
+# ------------------------------------------------------------------------------------------
+# Conversations and the Ollama view of them
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A test conversation. `system` is a Modelfile SYSTEM (Ollama prepends it). The last message is a
+    user message (rendered with the generation prompt) or an assistant message (a prefill)."""
+
+    name: str
+    messages: tuple[tuple[str, str], ...]
+    system: str | None = None
+
+    def as_dicts(self) -> list[dict[str, str]]:
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+    @property
+    def prefill(self) -> bool:
+        return bool(self.messages) and self.messages[-1][0] == "assistant"
+
+
+def _conv(name: str, *msgs: tuple[str, str], system: str | None = None) -> Conversation:
+    return Conversation(name, tuple(msgs), system)
+
+
+CONVERSATIONS: tuple[Conversation, ...] = (
+    _conv("user only", ("user", "What time does the clinic open?")),
+    _conv("system + user", ("system", "You are a concise clinic assistant."), ("user", "Where is room 4?")),
+    _conv("multi-turn with system",
+          ("system", "Answer in one sentence."), ("user", "Hello"), ("assistant", "Hello! How can I help?"),
+          ("user", "Is the ward open at night?"), ("assistant", "Yes, with a nurse on call."),
+          ("user", "Thanks. And on Sunday?")),
+    _conv("multi-turn without system",
+          ("user", "Two plus two?"), ("assistant", "Four."), ("user", "Times three?")),
+    _conv("consecutive same-role messages",
+          ("system", "Be brief."), ("system", "Use metric units."), ("user", "How tall is the desk?"),
+          ("user", "In cm please."), ("assistant", "About 75 cm."), ("assistant", "Give or take."),
+          ("user", "And the chair?")),
+    _conv("unicode",
+          ("system", "Réponds en français 🙂 — «merci»"), ("user", "日本語で答えて: 東京はどこ? Ünïcödé ß ñ é"),
+          ("assistant", "東京は日本にあります。🗼 مرحبا עברית"), ("user", "e\u0301 combining, zero\u200bwidth, 𝔘𝔫𝔦")),
+    _conv("empty contents", ("system", ""), ("user", ""), ("assistant", ""), ("user", "")),
+    _conv("whitespace at the edges",
+          ("system", "  padded system \n"), ("user", "\n\t  spaced question?  \n"),
+          ("assistant", " \u00a0answer with nbsp\u3000 "), ("user", "\r\nline one\r\nline two\r\n")),
+    _conv("earlier reasoning block",
+          ("user", "What is 17 * 3?"),
+          ("assistant", "<think>\n17 * 3 = 51.\n</think>\n\nIt is 51."), ("user", "And 17 * 4?")),
+    _conv("template-looking text",
+          ("user", "Is {{ .Content }} or {% if x %} or $last or \\n literal? \"quoted\" 'single' <tag> & %s"),
+          ("assistant", "They are plain text: {{ end }} }} {{"), ("user", "OK {{- .System -}}")),
+    _conv("Modelfile SYSTEM prepended", ("user", "Which form do I sign?"),
+          system="You answer questions about the clinic."),
+    _conv("Modelfile SYSTEM with own system message", ("system", "Overriding system."), ("user", "Hi"),
+          system="Stored system that Ollama must not add."),
+    _conv("system later in the conversation",
+          ("user", "Hi"), ("assistant", "Hello."), ("system", "From now on answer in German."),
+          ("user", "How are you?")),
+    _conv("prefill of the assistant turn", ("system", "Be helpful."), ("user", "List three colours."),
+          ("assistant", "1. Red\n2.")),
+    _conv("long multi-line content",
+          ("user", "Format this:\n```python\ndef f(x):\n    return x * 2\n```\n" + "word " * 200),
+          ("assistant", "Done:\n\n```python\ndef f(x):\n    return 2 * x\n```"), ("user", "Thanks!")),
+)
+
+
+def ollama_view(conv: Conversation | list[dict[str, str]], system: str | None = None) -> list[dict[str, str]]:
+    """The messages as Ollama's template sees them: stored SYSTEM prepended when the first message is
+    not a system one, roles lower-cased, consecutive same-role messages (except tool) merged with "\\n\\n"."""
+    if isinstance(conv, Conversation):
+        msgs, system = conv.as_dicts(), conv.system
+    else:
+        msgs = [dict(m) for m in conv]
+    msgs = [{"role": str(m["role"]).lower(), "content": m.get("content") or ""} for m in msgs]
+    if system and (not msgs or msgs[0]["role"] != "system"):
+        msgs.insert(0, {"role": "system", "content": system})
+    out: list[dict[str, str]] = []
+    for m in msgs:
+        if out and out[-1]["role"] == m["role"] and m["role"] != "tool":
+            out[-1]["content"] += "\n\n" + m["content"]
+        else:
+            out.append(dict(m))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Rendering: HF jinja (transformers) and Go text/template (tests/go_render)
+
+
+def render_hf(jinja: str, messages: list[dict[str, str]], *, bos_token: str | None = None,
+              eos_token: str | None = None, prefill: bool = False, **kwargs: Any) -> str:
+    """Render messages with an HF chat template exactly as transformers does (its sandboxed jinja
+    environment). prefill: continue the final assistant message instead of adding a generation prompt."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    special = {k: v for k, v in (("bos_token", bos_token), ("eos_token", eos_token)) if v is not None}
+    rendered, _ = render_jinja_template([messages], chat_template=jinja, add_generation_prompt=not prefill,
+                                        continue_final_message=prefill, **special, **kwargs)
+    return rendered[0]
+
+
+_GO_SRC_ENV = "OLLAMA_FT_GO_RENDER_SRC"
+
+
+def _go_source() -> Path:
+    env = os.environ.get(_GO_SRC_ENV)
+    p = Path(env) if env else Path(__file__).resolve().parent.parent / "tests" / "go_render" / "main.go"
+    if not p.is_file():
+        raise UserError(f"the Go renderer source is missing: {p}",
+                        hint=f"run from an ollama-ft checkout, or set {_GO_SRC_ENV} to tests/go_render/main.go")
+    return p
+
+
+def go_render_binary() -> Path:
+    """Build (once per source version) and return the Go renderer binary."""
+    import hashlib
+
+    go = shutil.which("go")
+    if go is None:
+        raise UserError("Go is not installed: the TEMPLATE fidelity check renders with Go's own text/template",
+                        hint="install it: `sudo apt-get install golang-go` (or `make system-deps`)")
+    src = _go_source()
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ollama-ft" / "go_render"
+    binary = cache / f"go_render-{digest}"
+    if binary.is_file():
+        return binary
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".go_render-{digest}.tmp-{os.getpid()}"
+    env = dict(os.environ, GOCACHE=str(cache / "gocache"), GO111MODULE="off", GOFLAGS="", CGO_ENABLED="0")
+    env.setdefault("HOME", str(Path.home()))
+    proc = subprocess.run([go, "build", "-o", str(tmp), str(src)], capture_output=True, text=True, env=env,
+                          cwd=str(cache))
+    if proc.returncode != 0:
+        raise UserError(f"building the Go renderer failed: {proc.stderr.strip()[:500]}",
+                        hint=f"check the Go installation (`go version`); source: {src}")
+    os.replace(tmp, binary)
+    return binary
+
+
+def render_go_batch(template: str, conversations: list[tuple[list[dict[str, str]], str | None]]) -> list[str | Exception]:
+    """Render many (messages, system) pairs with the Go TEMPLATE; a per-conversation error is returned
+    as an exception in its slot. A template that does not parse raises UserError."""
+    binary = go_render_binary()
+    payload = {"template": template,
+               "batch": [{"messages": msgs, "system": system or ""} for msgs, system in conversations]}
+    proc = subprocess.run([str(binary)], input=json.dumps(payload).encode(), capture_output=True)
+    if proc.returncode != 0:
+        raise UserError(f"the Go TEMPLATE does not work in Ollama's engine: {proc.stderr.decode().strip()}",
+                        hint="fix the TEMPLATE (Go text/template syntax)")
+    out: list[str | Exception] = []
+    for r in json.loads(proc.stdout):
+        out.append(r["output"] if "output" in r else RuntimeError(r.get("error", "unknown error")))
+    return out
+
+
+def render_go(template: str, messages: list[dict[str, str]], system: str | None = None) -> str:
+    """Render one conversation with the Go TEMPLATE as Ollama's chat does."""
+    res = render_go_batch(template, [(messages, system)])[0]
+    if isinstance(res, Exception):
+        raise UserError(f"the Go TEMPLATE failed to render: {res}")
+    return res
+
+
+# ------------------------------------------------------------------------------------------
+# Detection
+
+
+def _render_or_error(jinja: str, msgs: list[dict[str, str]], prefill: bool, bos: str | None, eos: str | None,
+                     kwargs: dict[str, Any]) -> str | Exception:
+    try:
+        return render_hf(jinja, msgs, bos_token=bos, eos_token=eos, prefill=prefill, **kwargs)
+    except Exception as e:  # jinja TemplateError, raise_exception(), continue_final_message ValueError
+        return e
+
+
+def _compare_with_family(jinja: str, fam: ChatFamily) -> tuple[bool, str]:
+    """(matches, why not). A match renders like the family's jinja on every conversation it accepts."""
+    rendered_any = False
+    for conv in CONVERSATIONS:
+        msgs = ollama_view(conv)
+        got = _render_or_error(jinja, msgs, conv.prefill, fam.bos_token, fam.eos_token, {})
+        ref = _render_or_error(fam.jinja, msgs, conv.prefill, fam.bos_token, fam.eos_token, {})
+        if isinstance(got, Exception):
+            if conv.name in ("user only", "multi-turn without system"):
+                return False, f"it refuses the conversation '{conv.name}': {got}"
+            continue  # the template refuses shapes the family renders: training never saw them
+        if isinstance(ref, Exception):
+            return False, f"it renders '{conv.name}', which the {fam.name} layout refuses"
+        if got != ref:
+            i = next((k for k, (a, b) in enumerate(zip(got, ref, strict=False)) if a != b), min(len(got), len(ref)))
+            return False, (f"conversation '{conv.name}' differs at character {i}: "
+                           f"template {got[max(0, i - 20):i + 30]!r} vs {fam.name} {ref[max(0, i - 20):i + 30]!r}")
+        rendered_any = True
+    return rendered_any, "" if rendered_any else "it renders none of the test conversations"
+
+
+def _candidates(jinja: str) -> list[ChatFamily]:
+    norm = jinja.replace("\\n", "\n")
+    return [f for f in _FAMILIES.values() if all(m in norm for m in f.markers)]
+
+
+def detect_family(jinja_text: str) -> str | None:
+    """The chat family an HF chat template belongs to, or None.
+
+    Candidates are picked by their marker strings, then proven by behaviour: the template must render
+    every test conversation it accepts exactly like the family's own template (so formatting, quoting
+    and escape variants of the same template all map to the same family, and look-alikes do not)."""
+    if not jinja_text or not jinja_text.strip():
+        return None
+    for fam in _candidates(jinja_text):
+        ok, _ = _compare_with_family(jinja_text, fam)
+        if ok:
+            return fam.name
+    return None
+
+
+def explain_detection(jinja_text: str) -> list[str]:
+    """Why a template matches no family: one line per candidate family (for error messages)."""
+    cands = _candidates(jinja_text or "")
+    if not cands:
+        return ["it contains the turn markers of no known family "
+                f"({'; '.join(f'{f.name}: ' + ', '.join(f.markers) for f in _FAMILIES.values())})"]
+    lines = []
+    for fam in cands:
+        ok, why = _compare_with_family(jinja_text, fam)
+        lines.append(f"{fam.name}: " + ("matches" if ok else why))
+    return lines
+
+
+# ------------------------------------------------------------------------------------------
+# Fidelity: HF template (as trained) vs Go TEMPLATE (as Ollama renders and tokenizes)
+
+
+@dataclass
+class ConversationCheck:
+    name: str
+    status: str  # "match", "mismatch" or "skipped" (the training template refuses this conversation)
+    detail: str = ""
+    tokens: int | None = None
+
+
+@dataclass
+class FidelityReport:
+    """Per-conversation results of `check_fidelity`."""
+
+    family: str | None
+    results: list[ConversationCheck]
+    add_bos: bool
+    go_checked: bool
+    ids_checked: bool
+
+    @property
+    def matched(self) -> int:
+        return sum(r.status == "match" for r in self.results)
+
+    @property
+    def mismatched(self) -> list[ConversationCheck]:
+        return [r for r in self.results if r.status == "mismatch"]
+
+    @property
+    def skipped(self) -> int:
+        return sum(r.status == "skipped" for r in self.results)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatched and self.matched > 0
+
+    def counts(self) -> dict[str, Any]:
+        return {"conversations": len(self.results), "matched": self.matched, "mismatched": len(self.mismatched),
+                "skipped": self.skipped, "strings": self.go_checked, "token_ids": self.ids_checked,
+                "add_bos": self.add_bos}
+
+
+def _first_diff(a: str, b: str) -> str:
+    i = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return f"first difference at character {i}: training {a[max(0, i - 25):i + 25]!r} vs Ollama {b[max(0, i - 25):i + 25]!r}"
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the HF tokenizer puts BOS in front when special tokens are added."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos_id
+
+
+def check_fidelity(source: str, go_template: str, conversations: list[Conversation] | tuple[Conversation, ...] | None = None,
+                   tokenizer=None, *, bos_token: str | None = None, eos_token: str | None = None,
+                   add_bos: bool | None = None, jinja_kwargs: dict[str, Any] | None = None) -> FidelityReport:
+    """Render every conversation with the training template (`source`: a family name or jinja text) and
+    with the Go TEMPLATE, and compare what the model is fed.
+
+    Training side (as data.py tokenizes): the HF render of the Ollama-merged messages; the tokenizer adds
+    BOS only when the template did not write it. Ollama side: the Go render; llama.cpp adds BOS when the
+    GGUF says so (`add_bos`, default: what the tokenizer does, else the family's convention). Strings are
+    compared with those BOS texts, token ids (when a tokenizer is given) with those BOS ids.
+    """
+    fam = None
+    if source in _FAMILIES or source in _ALIASES:
+        fam = get_family(source)
+        jinja = fam.jinja
+    else:
+        jinja = source
+        fam_name = detect_family(jinja)
+        fam = get_family(fam_name) if fam_name else None
+    convs = list(conversations if conversations is not None else CONVERSATIONS)
+    if tokenizer is not None:
+        bos = bos_token if bos_token is not None else getattr(tokenizer, "bos_token", None)
+        eos = eos_token if eos_token is not None else getattr(tokenizer, "eos_token", None)
+        tok_bos = tokenizer_adds_bos(tokenizer)
+    else:
+        bos = bos_token if bos_token is not None else (fam.bos_token if fam else None)
+        eos = eos_token if eos_token is not None else (fam.eos_token if fam else None)
+        tok_bos = add_bos if add_bos is not None else (fam.add_bos if fam else False)
+    if add_bos is None:
+        add_bos = tok_bos
+    kwargs = dict(jinja_kwargs or {})
+    go_out = render_go_batch(go_template, [(c.as_dicts(), c.system) for c in convs])
+    results = []
+    for conv, go_text in zip(convs, go_out, strict=True):
+        msgs = ollama_view(conv)
+        try:
+            hf_text = render_hf(jinja, msgs, bos_token=bos, eos_token=eos, prefill=conv.prefill, **kwargs)
+        except Exception as e:  # the training template refuses it, so training never contained it
+            results.append(ConversationCheck(conv.name, "skipped", f"the training template refuses it: {e}"))
+            continue
+        if isinstance(go_text, Exception):
+            results.append(ConversationCheck(conv.name, "mismatch", f"the Go TEMPLATE failed: {go_text}"))
+            continue
+        train_bos = bool(tok_bos and bos and not hf_text.startswith(bos))
+        trained = (bos if train_bos else "") + hf_text
+        served = ((bos or "") if add_bos else "") + go_text
+        if trained != served:
+            why = _first_diff(trained, served)
+            if add_bos and bos and not hf_text.startswith(bos) and not tok_bos:
+                why = "the GGUF adds BOS but training had none; " + why
+            results.append(ConversationCheck(conv.name, "mismatch", why))
+            continue
+        n_tokens = None
+        if tokenizer is not None:
+            # data.py lets the tokenizer add BOS only when the template did not write it
+            train_ids = ([tokenizer.bos_token_id] if train_bos else []) + \
+                tokenizer(hf_text, add_special_tokens=False)["input_ids"]
+            served_ids = ([tokenizer.bos_token_id] if add_bos else []) + \
+                tokenizer(go_text, add_special_tokens=False)["input_ids"]
+            if list(train_ids) != list(served_ids):
+                k = next((i for i, (x, y) in enumerate(zip(train_ids, served_ids, strict=False)) if x != y),
+                         min(len(train_ids), len(served_ids)))
+                results.append(ConversationCheck(
+                    conv.name, "mismatch", f"same text but token ids differ at position {k}: training "
+                    f"{list(train_ids[k:k + 5])} vs Ollama {list(served_ids[k:k + 5])}"))
+                continue
+            n_tokens = len(train_ids)
+        results.append(ConversationCheck(conv.name, "match", tokens=n_tokens))
+    return FidelityReport(fam.name if fam else None, results, bool(add_bos), True, tokenizer is not None)

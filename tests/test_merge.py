@@ -1,0 +1,196 @@
+"""Streamed LoRA merge: equals peft's merge_and_unload, logits proof, and a corrupted merge is caught."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ollama_ft.config import RunConfig
+from ollama_ft.errors import UserError
+
+
+def make_adapter(base_dir: Path, out: Path, *, r: int = 4, alpha: int = 8, rslora: bool = False,
+                 targets="all-linear", seed: int = 0) -> Path:
+    """A PEFT LoRA adapter with random (non-zero) A and B, so the merge has a visible effect."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
+                                                  use_rslora=rslora, lora_dropout=0.0))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+def bf16_copy(src: Path, dst: Path) -> Path:
+    """The same tiny model stored in bf16 (the usual published dtype)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(src, dst)
+    m = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16)
+    for f in dst.glob("*.safetensors"):
+        f.unlink()
+    m.save_pretrained(str(dst), safe_serialization=True)
+    return dst
+
+
+def sharded_copy(src: Path, dst: Path) -> Path:
+    """The same model saved in several safetensors shards with an index."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        f.unlink()
+    m = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    m.save_pretrained(str(dst), safe_serialization=True, max_shard_size="60KB")
+    return dst
+
+
+def peft_merged_state(base_dir: Path, adapter_dir: Path) -> dict:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().state_dict()
+
+
+def load_dir_state(d: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in d.glob("*.safetensors"):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_streamed_merge_equals_peft(tiny_model, tmp_path, rslora):
+    from ollama_ft.merge import merge_streamed
+
+    adapter = make_adapter(tiny_model, tmp_path / "adapter", rslora=rslora, alpha=16)
+    out = tmp_path / "merged"
+    stats = merge_streamed(tiny_model, adapter, out)
+    ours = load_dir_state(out)
+    ref = peft_merged_state(tiny_model, adapter)
+    assert stats["modules_merged"] == 7 * 2  # q,k,v,o,gate,up,down x 2 layers
+    assert set(ours) == set(ref)
+    worst = max(float((ours[k].float() - ref[k].float()).abs().max()) for k in ref)
+    assert worst < 1e-5, worst
+    # rsLoRA scales by alpha/sqrt(r), plain LoRA by alpha/r
+    assert stats["scaling"] == [16 / 2.0] if rslora else [16 / 4]
+
+
+def test_sharded_base_writes_index(tiny_llama, tmp_path):
+    from ollama_ft.merge import merge_streamed
+
+    base = sharded_copy(tiny_llama, tmp_path / "base")
+    assert len(list(base.glob("*.safetensors"))) > 1
+    adapter = make_adapter(base, tmp_path / "adapter")
+    out = tmp_path / "merged"
+    stats = merge_streamed(base, adapter, out)
+    assert stats["shards"] > 1
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in out.glob("*.safetensors")}
+    ref = peft_merged_state(base, adapter)
+    ours = load_dir_state(out)
+    assert max(float((ours[k] - ref[k]).abs().max()) for k in ref) < 1e-5
+
+
+def _data_dir(tmp_path: Path, tokenizer_dir: Path) -> Path:
+    """A data/ stage dir with validation.parquet and the training chat template."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "data"
+    d.mkdir()
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    texts = ["hello nurse what is the dose", "the clinic opens at eight", "Ünïcödé – ä ö ü ß é ñ 日本語 🙂"]
+    ids = [tok(t)["input_ids"] for t in texts]
+    pq.write_table(pa.table({"id": [str(i) for i in range(len(ids))], "input_ids": ids,
+                             "labels": ids}), d / "validation.parquet")
+    (d / "chat_template.jinja").write_text("{{ 'TRAINING TEMPLATE' }}")
+    return d
+
+
+def test_build_merged_bf16_proof_and_side_files(tiny_model, tmp_path):
+    from ollama_ft.merge import build_merged
+
+    base = bf16_copy(tiny_model, tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "adapter")
+    data = _data_dir(tmp_path, tiny_model)
+    out = tmp_path / "merged"
+    out.mkdir()
+    info = build_merged(RunConfig(), base, adapter, data, out)
+    check = json.loads((out / "merge_check.json").read_text())
+    assert check["passed"] and info["dtype"] == "bfloat16"
+    assert check["relative_diff"] <= check["tolerance"] == 3e-2
+    assert check["tokens"] > 10
+    # the adapter changed the logits far more than the merge differs from peft
+    assert check["adapter_effect_max_abs"] > 10 * check["max_abs_diff"]
+    assert (out / "chat_template.jinja").read_text() == "{{ 'TRAINING TEMPLATE' }}"
+    assert (out / "tokenizer.model").is_file() and (out / "config.json").is_file()
+    assert info["peak_rss_bytes_streaming"] > 0
+
+
+def test_corrupted_merge_is_caught(tiny_llama, tmp_path, monkeypatch):
+    """A merge that drops the LoRA scaling (a classic bug) must fail the logits proof."""
+    from ollama_ft import merge
+
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter")
+    data = _data_dir(tmp_path, tiny_llama)
+    real = merge._scaling
+    monkeypatch.setattr(merge, "_scaling", lambda acfg, module: real(acfg, module) * 0.25)
+    out = tmp_path / "merged"
+    out.mkdir()
+    with pytest.raises(UserError, match="disagrees with base\\+adapter"):
+        merge.build_merged(RunConfig(), tiny_llama, adapter, data, out)
+    assert json.loads((out / "merge_check.json").read_text())["passed"] is False
+
+
+def test_adapter_for_another_base_is_refused(tiny_llama, tmp_path):
+    from ollama_ft.merge import merge_streamed
+
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter")
+    from safetensors.torch import load_file, save_file
+
+    f = adapter / "adapter_model.safetensors"
+    t = load_file(str(f))
+    t = {k.replace("q_proj", "query_proj"): v for k, v in t.items()}
+    save_file(t, str(f))
+    with pytest.raises(UserError, match="does not have"):
+        merge_streamed(tiny_llama, adapter, tmp_path / "merged")
+
+
+def test_merge_into_dequantized_base_is_recorded(tiny_llama, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from ollama_ft.merge import build_merged
+
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter")
+    data = _data_dir(tmp_path, tiny_llama)
+    cfg = RunConfig()
+    cfg.model.merge_base = "dequantized"
+    out = tmp_path / "merged"
+    out.mkdir()
+    info = build_merged(cfg, tiny_llama, adapter, data, out)
+    assert info["merge_base"] == "dequantized" and info["logits_check"]["passed"]
+    # the NF4 round-trip changed the weights compared with a full-precision merge
+    full = tmp_path / "full"
+    from ollama_ft.merge import merge_streamed
+
+    merge_streamed(tiny_llama, adapter, full)
+    a, b = load_dir_state(out), load_dir_state(full)
+    k = "model.layers.0.self_attn.q_proj.weight"
+    assert float((a[k] - b[k]).abs().max()) > 1e-3

@@ -1,0 +1,84 @@
+"""End to end on the tiny model: config -> pull -> data -> train -> merge -> export -> modelfile ->
+register (stand-in Ollama server) -> eval, then a chat through the API; re-runs skip every stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ollama_ft.runs import STAGES, Run
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "ollama_ft" / "data_files" / "clinic_sample.jsonl"
+
+
+def _config(tmp_path: Path, base: Path, host: str, **extra) -> Path:
+    lines = SAMPLE.read_text().splitlines()[:80]
+    data = tmp_path / "small.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    cfg = {
+        "name": "tiny-e2e",
+        "runs_dir": str(tmp_path / "runs"),
+        "model": {"base": str(base), "adapter": "qlora"},
+        "data": {"path": str(data), "max_length": 160},
+        "lora": {"r": 8, "alpha": 16},
+        "training": {"batch_size": 4, "max_steps": 4, "eval_steps": 2, "save_steps": 2, "learning_rate": 1e-3},
+        "export": {"quants": ["Q8_0"]},
+        "ollama": {"name": "tiny-e2e", "host": host, "parameters": {"num_predict": 16}},
+        "eval": {"max_examples": 4, "max_new_tokens": 8, "bootstrap_samples": 200},
+        **extra,
+    }
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+@pytest.mark.slow
+def test_full_pipeline_on_tiny_model_registers_and_chats(tmp_path, tiny_llama, fake_ollama, monkeypatch):
+    from ollama_ft import ollama_api
+    from ollama_ft.pipeline import run_pipeline
+
+    monkeypatch.chdir(tmp_path)  # modelfiles/<name>.Modelfile is written relative to the CWD
+    cfg = _config(tmp_path, tiny_llama, fake_ollama.url)
+    run = run_pipeline(cfg, [])
+    status = {r["stage"]: r["state"] for r in run.status()}
+    assert all(status[s] == "done" for s in STAGES), status
+
+    manifest = json.loads((run.root / "manifest.json").read_text())
+    reg = manifest["stages"]["register"]["info"]
+    assert reg["model"].startswith("tiny-e2e")
+    assert (tmp_path / "modelfiles" / "tiny-e2e.Modelfile").exists()
+    for stage in ("pull", "data", "train", "merge", "export", "eval"):
+        assert manifest["stages"][stage]["outputs"], stage
+    assert (run.root / "report" / "metrics.json").exists()
+
+    reply = ollama_api.chat_once(fake_ollama.url, "tiny-e2e", [{"role": "user", "content": "hello"}],
+                                 options={"num_predict": 8})
+    assert isinstance(reply, str) and reply != ""
+
+    # A second run skips every finished stage and re-registers without uploading anything.
+    before = fake_ollama.blob_bytes_received() if hasattr(fake_ollama, "blob_bytes_received") else None
+    run2 = run_pipeline(cfg, [])
+    m2 = json.loads((run2.root / "manifest.json").read_text())
+    for stage in ("pull", "data", "train", "merge", "export", "modelfile", "eval"):
+        assert m2["stages"][stage]["started"] == manifest["stages"][stage]["started"], stage
+    assert m2["stages"]["register"]["info"]["uploaded_bytes"] == 0
+    if before is not None:
+        assert fake_ollama.blob_bytes_received() == before
+
+
+@pytest.mark.slow
+def test_pipeline_without_ollama_stops_after_modelfile(tmp_path, tiny_qwen2, capsys, monkeypatch):
+    from ollama_ft.pipeline import run_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _config(tmp_path, tiny_qwen2, "http://127.0.0.1:9")
+    run = run_pipeline(cfg, [], until="register")
+    st = {r["stage"]: r["state"] for r in run.status()}
+    assert st["modelfile"] == "done" and st["register"] == "pending"
+    out = capsys.readouterr()
+    assert "ollama create tiny-e2e -f" in out.out + out.err
+    assert Run(run.root).entry("register") is None
