@@ -101,7 +101,9 @@ def main() -> None:
     print(f"prepared {total} examples ({info['counts']}) from {args.n} records")
     print(f"seconds: {secs:.1f}")
     print(f"examples/s: {args.n / secs:.0f}")
-    print(f"peak RSS: {peak:.0f} MiB (before the data stage: {rss_before:.0f} MiB)")
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"peak RSS: {peak:.0f} MiB (before the data stage: {rss_before:.0f} MiB; "
+          f"largest render worker: {children:.0f} MiB, mostly pages shared with the parent)")
     print(f"tokens: {info['tokens']}")
     print("PASS" if secs < 60 else "FAIL", "(target: < 60 s)")
 

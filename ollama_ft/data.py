@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from bisect import bisect_left, bisect_right
 from collections import Counter
 from pathlib import Path
@@ -163,12 +164,16 @@ class ChatRenderer:
         full = self.render(messages)
         if train_on_prompt:
             return full, [(0, len(full))]
-        spans = []
+        spans: list[tuple[int, int]] = []
         last = len(messages) - 1
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            start = _common_prefix(self.render(messages[:i], generation_prompt=True), full)
+            prompt = self.render(messages[:i], generation_prompt=True)
+            if full.startswith(prompt):
+                start = len(prompt)
+            else:
+                start = self._locate_start(full, spans[-1][1] if spans else 0, prompt, messages[i - 1]["content"])
             upto = full if i == last else self.render(messages[: i + 1])
             end = len(upto) if full.startswith(upto) else self._locate_end(full, start, upto, m["content"])
             # Whitespace after the end-of-turn marker is layout, not something to learn.
@@ -183,6 +188,23 @@ class ChatRenderer:
                 raise SpanError(f"assistant turn {i} renders to nothing")
             spans.append((start, end))
         return full, spans
+
+    @staticmethod
+    def _locate_start(full: str, search_from: int, prompt: str, before: str) -> int:
+        # The prompt rendered for messages[:i] is not a prefix of the whole conversation (the
+        # template moves the system prompt, or its generation prompt differs from how a finished
+        # turn starts): find the message before the turn in `full`, then the prompt's tail after it.
+        key = before.strip()[-48:]
+        q = prompt.rfind(key) if key else -1
+        pos = full.find(key, search_from) if q >= 0 else -1
+        if pos < 0:
+            return _common_prefix(prompt, full)
+        tail = prompt[q + len(key):]
+        exact = full.find(key + tail, search_from)
+        if exact >= 0:
+            return exact + len(key) + len(tail)
+        pos += len(key)
+        return pos + _common_prefix(tail, full[pos:])
 
     @staticmethod
     def _locate_end(full: str, start: int, upto: str, content: str) -> int:
@@ -239,7 +261,7 @@ def _rendered_batches(batches, template: str, special_tokens: dict[str, str], tr
         return
     second = next(it, None)
     workers = min(2, os.cpu_count() or 1)
-    if second is None or workers < 2 or "fork" not in mp.get_all_start_methods():
+    if second is None or workers < 2 or not sys.platform.startswith("linux"):
         for b in (first, second, *it):
             if b is not None:
                 yield b, _render_batch([r.messages for r, _ in b])
@@ -288,15 +310,22 @@ def assign_split(norm_digest: bytes, seed: int, fractions: tuple[float, float, f
     return "test"
 
 
+def _start(o: tuple[int, int]) -> int:
+    return o[0]
+
+
+def _end(o: tuple[int, int]) -> int:
+    return o[1]
+
+
 def token_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> tuple[list[int], int]:
     """Labels (ids on tokens overlapping a span, -100 elsewhere) and the count of trained tokens."""
-    starts = [o[0] for o in offsets]
-    ends = [o[1] for o in offsets]
     labels = [_IGNORE] * len(ids)
     trained = 0
     for a, b in spans:
-        i = bisect_right(ends, a)  # first token ending after a
-        j = bisect_left(starts, b)  # first token starting at or after b
+        # Offsets are non-decreasing, so two binary searches find the tokens overlapping [a, b).
+        i = bisect_right(offsets, a, key=_end)  # first token ending after a
+        j = bisect_left(offsets, b, key=_start)  # first token starting at or after b
         if j > i:
             labels[i:j] = ids[i:j]
             trained += j - i
@@ -588,6 +617,7 @@ def validate_command(path: Path | str, format: str = "auto", show: int = 20) -> 
             ["format", ", ".join(f"{k} ({v})" for k, v in report.formats.items()) or "-"],
             ["duplicates (dropped by prepare)", f"{dups['exact']} exact, {dups['whitespace']} whitespace-only"],
             ["errors", report.errors], ["warnings", report.warnings]]
+    rows += [[f"would drop: {k}", v] for k, v in sorted(report.dropped.items())]
     if splits:
         rows.append(["pinned by 'split' field", ", ".join(f"{k} {v}" for k, v in splits.items())])
     ui.table(f"data validate: {p}", ["", ""], rows)

@@ -151,13 +151,16 @@ def _bad_utf8(raw: bytes, name: str, line: int, err: UnicodeDecodeError) -> Prob
                    "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t UTF-8`)", "not_utf8")
 
 
-def _iter_text_lines(path: Path, report: Report) -> Iterator[tuple[int, str, bool]]:
-    """(line number, text, decoded ok) for each line; undecodable lines are reported once here."""
+def _iter_text_lines(path: Path, report: Report, refused: list | None = None) -> Iterator[tuple[int, str, bool]]:
+    """(line number, text, decoded ok) for each line; undecodable lines are reported once here.
+    A file refused for its encoding yields nothing and appends to `refused`."""
     name = str(path)
     with open(path, "rb") as f:
         head = f.read(4)
         ok, skip = _check_encoding_head(head, name, report)
         if not ok:
+            if refused is not None:
+                refused.append(name)
             return
         f.seek(skip)
         for i, raw in enumerate(f, start=1):
@@ -193,7 +196,8 @@ def _json_error(e: json.JSONDecodeError) -> str:
 def _iter_jsonl(path: Path, report: Report) -> Iterator[tuple[str, Any, list[Problem]]]:
     name = str(path)
     any_line = False
-    for i, line, ok in _iter_text_lines(path, report):
+    refused: list[str] = []
+    for i, line, ok in _iter_text_lines(path, report, refused):
         if not line.strip():
             continue
         any_line = True
@@ -204,13 +208,8 @@ def _iter_jsonl(path: Path, report: Report) -> Iterator[tuple[str, Any, list[Pro
             yield str(i), json.loads(line), []
         except json.JSONDecodeError as e:
             yield str(i), None, [Problem(name, str(i), None, _json_error(e), "bad_json")]
-    if not any_line and not (report.problems and report.problems[-1].kind == "not_utf8"
-                             and report.problems[-1].file == name):
+    if not any_line and not refused:
         report.add(Problem(name, "", None, "file is empty (no records)", "empty_file"))
-
-
-def _line_of(text: str, pos: int) -> int:
-    return text.count("\n", 0, pos) + 1
 
 
 _WS = re.compile(r"[ \t\r\n]*")
@@ -222,9 +221,12 @@ def _iter_json_array(text: str, start: int, name: str) -> Iterator[tuple[str, An
     pos = _WS.match(text, start + 1).end()
     if pos < len(text) and text[pos] == "]":
         return
+    line, counted = 1, 0  # line numbers counted incrementally (a large array stays linear)
     while pos < len(text):
         obj, end = dec.raw_decode(text, pos)
-        yield str(_line_of(text, pos)), obj, []
+        line += text.count("\n", counted, pos)
+        counted = pos
+        yield str(line), obj, []
         pos = _WS.match(text, end).end()
         if pos < len(text) and text[pos] == ",":
             pos = _WS.match(text, pos + 1).end()
@@ -277,7 +279,11 @@ def _iter_json(path: Path, report: Report) -> Iterator[tuple[str, Any, list[Prob
                            "until this is fixed", "bad_json"))
         return
     if isinstance(doc, dict):
-        lists = [k for k, v in doc.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+        lists = [k for k, v in doc.items() if isinstance(v, list) and v]
+        if len(lists) > 1:
+            report.add(Problem(name, "1", None, f"top-level object has several lists ({', '.join(map(repr, lists))}); "
+                               "expected one list of records: split them into one file each", "no_records"))
+            return
         if len(lists) == 1:
             key = lists[0]
             m = re.search('"' + re.escape(key) + r'"\s*:\s*\[', text)
@@ -573,7 +579,8 @@ def normalise(obj: Any, fmt: str, file: str, where: str) -> tuple[list[dict[str,
 
 def content_keys(msgs: list[dict[str, str]]) -> tuple[bytes, bytes]:
     """(exact, whitespace-normalised) digests of a conversation, for dedupe and the split hash."""
-    exact = json.dumps(msgs, ensure_ascii=False, separators=(",", ":"))
+    # Separators that cannot be confused with content boundaries; no JSON encoding needed.
+    exact = "\x1e".join(m["role"] + "\x1f" + m["content"] for m in msgs)
     norm = "\x1e".join(m["role"] + "\x1f" + " ".join(m["content"].split()) for m in msgs)
     return hashlib.blake2b(exact.encode(), digest_size=16).digest(), hashlib.blake2b(
         norm.encode(), digest_size=16).digest()

@@ -84,7 +84,9 @@ class LlamaCppEngine:
         self.stop_ids = set(stop_ids or ())
         with _quiet_stderr():
             try:
+                # n_gpu_layers=-1 offloads everything when llama.cpp was built with a GPU backend; CPU builds ignore it
                 self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=min(512, n_ctx),
+                                           n_gpu_layers=-1,
                                            n_threads=threads or max(1, min(8, os.cpu_count() or 1)),
                                            seed=seed, verbose=False, logits_all=False)
             except ValueError as e:

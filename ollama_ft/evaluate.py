@@ -149,6 +149,8 @@ def base_gguf(cfg: RunConfig, run: Run) -> tuple[Path, str]:
     meta_path = base_dir / "ollama_ft_base.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     src = meta.get("gguf_source")
+    if isinstance(src, dict):  # sources.py records {"path", "sha256", "file_type", ...}
+        src = src.get("path")
     if src:
         p = Path(src)
         if not p.is_absolute() and not p.is_file():
@@ -455,7 +457,9 @@ def build_report(cfg: RunConfig, run: Run, out: Path) -> dict[str, Any]:
     base_ollama = tuned_ollama = None
     if ev.via == "ollama":
         base_ollama = _ollama_base_name(cfg, run)
-        tuned_ollama = f"{cfg.ollama_name}:{cfg.ollama.tag}"
+        from .ollama_api import model_name_for
+
+        tuned_ollama = model_name_for(cfg).display
     ui.info(f"eval: {len(records)} of {total} test examples, greedy, up to {ev.max_new_tokens} new tokens, "
             f"via {ev.via}")
     base_res = run_model("base", base_path, records, cfg, template, ollama_model=base_ollama)
@@ -510,9 +514,12 @@ def _ollama_base_name(cfg: RunConfig, run: Run) -> str:
     meta = _read_json(run.root / "base" / "ollama_ft_base.json") or {}
     spec = str(meta.get("spec") or cfg.model.base)
     kind = meta.get("source_kind")
+    src = meta.get("gguf_source")
+    if isinstance(src, dict) and src.get("ollama_model"):
+        return str(src["ollama_model"])
     if spec.startswith("ollama://"):
         return spec[len("ollama://"):]
-    if kind in (None, "catalog", "ollama") and "/" not in spec and not spec.endswith(".gguf"):
+    if kind in (None, "catalog", "ollama", "embedded") and "/" not in spec and not spec.endswith(".gguf"):
         return spec
     raise UserError(f"eval.via ollama needs the base in Ollama, but the base is {spec!r} ({kind})",
                     hint="evaluate with `--via llama_cpp`, or create the base in Ollama and use its name")

@@ -229,7 +229,6 @@ def verify_gguf_file(path: str | Path, load: bool = True) -> dict[str, Any]:
     }
     if gtype == "adapter":
         info["adapter"] = {k: field(k) for k in reader.fields if k.startswith("adapter.")}
-    del reader
     if load and gtype != "adapter":
         res = _run_worker(_CHECK_WORKER, [str(path)], f"loading {path.name}", timeout=1800)
         if not res or not res.get("loaded"):
@@ -459,7 +458,6 @@ def build_gguf(cfg, run, merged_dir: Path, out: Path) -> dict[str, Any]:
     timings["verify_s"] = round(time.perf_counter() - t, 3)
 
     adapter_info = None
-    export_adapter = None
     if ecfg.adapter_gguf:
         adapter_info = export_adapter(cfg, run, merged_dir, out, src, data_dir, verify=ecfg.verify)
 
@@ -478,8 +476,65 @@ def build_gguf(cfg, run, merged_dir: Path, out: Path) -> dict[str, Any]:
                    for q, r in results.items()},
         "reference_ppl": next(iter(results.values())).get("reference_ppl"),
         "timings": timings,
+        "converter_phases": conv["phases"],
+        "adapter": adapter_info,
         "summary": summary,
     }
+
+
+def export_adapter(cfg, run, merged_dir: Path, out: Path, merged_gguf: Path, data_dir: Path | None,
+                   verify: bool = True) -> dict[str, Any]:
+    """The LoRA alone as `<name>-lora-F16.gguf`, checked against the merged model's GGUF.
+
+    Verification converts the unmerged base to a scratch F16 GGUF, loads it with the adapter in llama.cpp
+    and compares perplexity, logits and greedy output with the merged model's F16 GGUF.
+    """
+    import numpy as np
+
+    from .converter import convert_lora_to_gguf, convert_to_gguf
+
+    if run is None:
+        raise UserError("adapter export needs the run's base/ and adapter/ directories")
+    base_dir, adapter_dir = Path(run.root) / "base", Path(run.root) / "adapter"
+    for d, stage in ((base_dir, "pull"), (adapter_dir, "train")):
+        if not d.is_dir():
+            raise UserError(f"adapter export needs {d}", hint=f"run `ollama-ft {stage} {run.root}` first")
+    dst = out / f"{cfg.ollama_name}-lora-F16.gguf"
+    info = convert_lora_to_gguf(adapter_dir, base_dir, dst, metadata={"general.name": f"{cfg.ollama_name}-lora"})
+    finfo = verify_gguf_file(dst, load=False)
+    if finfo["type"] != "adapter" or finfo["adapter"].get("adapter.type") != "lora":
+        raise UserError(f"{dst.name}: not marked as a LoRA adapter (general.type/adapter.type)")
+    info.update({"file": dst.name, "architecture": finfo["architecture"], "tensors": finfo["tensors"]})
+    if not verify:
+        return info
+    if cfg.model.merge_base != "full":
+        info["note"] = "merged into the dequantized base; base+adapter is compared against it loosely"
+    scratch = out / f".base-{os.getpid()}-F16.gguf"
+    try:
+        convert_to_gguf(base_dir, scratch, outtype="f16")
+        texts, seqs, prompt_ids = _validation(merged_dir, data_dir)
+        with ui.status("export: base GGUF + adapter GGUF vs merged GGUF in llama.cpp"):
+            with_lora = eval_gguf(scratch, texts[:1], seqs, prompt_ids, lora_path=dst)
+            merged = eval_gguf(merged_gguf, texts[:1], seqs, prompt_ids)
+    finally:
+        if scratch.exists():
+            scratch.unlink()
+    a, b = np.asarray(with_lora["first_logits"]), np.asarray(merged["first_logits"])
+    rel = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+    ppl_a, ppl_b = _ppl(with_lora["nll"], with_lora["n"]), _ppl(merged["nll"], merged["n"])
+    n_same = next((i for i, (x, y) in enumerate(zip(with_lora["gen_ids"], merged["gen_ids"], strict=False)) if x != y),
+                  min(len(with_lora["gen_ids"]), len(merged["gen_ids"])))
+    info.update({"ppl_base_plus_adapter": ppl_a, "ppl_merged": ppl_b, "ppl_ratio": ppl_a / ppl_b,
+                 "logits_relative_diff": rel, "greedy_tokens_equal": n_same,
+                 "greedy_tokens": len(merged["gen_ids"]), "generation": with_lora["gen_text"]})
+    info["passed"] = abs(ppl_a / ppl_b - 1) <= PPL_TOLERANCE or cfg.model.merge_base != "full"
+    if not info["passed"]:
+        raise UserError(f"{dst.name}: base + adapter in llama.cpp disagrees with the merged model "
+                        f"(perplexity {ppl_a:.4g} vs {ppl_b:.4g})",
+                        hint="the adapter conversion is wrong for this architecture; use the merged GGUF")
+    ui.success(f"adapter GGUF: base+adapter perplexity {ppl_a:.4g} vs merged {ppl_b:.4g}; greedy output equal for "
+               f"{n_same}/{len(merged['gen_ids'])} tokens")
+    return info
 
 
 def _convert_with_lineage(cfg, run, merged_dir: Path, dst: Path) -> dict[str, Any]:

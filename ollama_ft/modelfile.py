@@ -525,20 +525,63 @@ def load_run_tokenizer(run):
                     hint="run the pull and merge stages first")
 
 
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def gguf_metadata(gguf_path: Path, keys: set[str]) -> dict[str, Any]:
+    """Scalar and string values of the wanted GGUF metadata keys, read straight from the header.
+    (gguf.GGUFReader decodes every token of the vocabulary first, which takes a minute on 256k vocabularies.)"""
+    import struct
+
+    want, found = set(keys), {}
+    try:
+        with open(gguf_path, "rb") as f:
+            def read(fmt: str):
+                n = struct.calcsize(fmt)
+                b = f.read(n)
+                if len(b) != n:
+                    raise ValueError("truncated header")
+                return struct.unpack(fmt, b)[0]
+
+            def read_str() -> bytes:
+                return f.read(read("<Q"))
+
+            if f.read(4) != b"GGUF" or read("<I") < 2:
+                raise ValueError("not a GGUF v2+ file")
+            read("<Q")  # tensor count
+            for _ in range(read("<Q")):
+                key = read_str().decode("utf-8", "replace")
+                vtype = read("<I")
+                if vtype == 8:
+                    raw = read_str()
+                    if key in want:
+                        found[key] = raw.decode("utf-8", "replace")
+                elif vtype == 9:
+                    etype, count = read("<I"), read("<Q")
+                    if etype == 8:
+                        for _ in range(count):
+                            f.seek(read("<Q"), 1)
+                    elif etype in _GGUF_SCALARS:
+                        f.seek(struct.calcsize(_GGUF_SCALARS[etype]) * count, 1)
+                    else:
+                        raise ValueError(f"nested array in {key}")
+                elif vtype in _GGUF_SCALARS:
+                    v = read(_GGUF_SCALARS[vtype])
+                    if key in want:
+                        found[key] = v
+                else:
+                    raise ValueError(f"unknown value type {vtype} for {key}")
+                if want <= found.keys():
+                    break
+    except (OSError, ValueError, struct.error, OverflowError) as e:
+        raise UserError(f"{gguf_path} is not a readable GGUF file: {e}", hint="re-run the export stage") from None
+    return found
+
+
 def gguf_add_bos(gguf_path: Path) -> bool | None:
     """tokenizer.ggml.add_bos_token of a GGUF (what llama.cpp, hence Ollama, does), None when unset."""
-    try:
-        from gguf import GGUFReader
-    except ImportError:  # pragma: no cover - gguf is a dependency
-        return None
-    try:
-        f = GGUFReader(str(gguf_path))
-    except Exception as e:
-        raise UserError(f"{gguf_path} is not a readable GGUF file: {e}", hint="re-run the export stage") from None
-    fld = f.fields.get("tokenizer.ggml.add_bos_token")
-    if fld is None:
-        return None
-    return bool(fld.parts[fld.data[0]][0])
+    v = gguf_metadata(Path(gguf_path), {"tokenizer.ggml.add_bos_token"}).get("tokenizer.ggml.add_bos_token")
+    return None if v is None else bool(v)
 
 
 def _data_conversations(run, system: str | None, limit: int = 3):
@@ -566,6 +609,25 @@ def _data_conversations(run, system: str | None, limit: int = 3):
     return out
 
 
+def training_date_string(run, tokenizer) -> str:
+    """The "Today Date" a day-dependent template (Llama 3.2) wrote into the training data, read back
+    from the tokens in data/*.parquet."""
+    import pyarrow.parquet as pq
+
+    for split in ("train", "validation", "test"):
+        p = run.root / "data" / f"{split}.parquet"
+        if not p.is_file():
+            continue
+        rows = pq.read_table(p, columns=["input_ids"]).slice(0, 5).column("input_ids").to_pylist()
+        for ids in rows:
+            m = re.search(r"Today Date: ([0-9A-Za-z ,.:-]{1,40})\n", tokenizer.decode(ids, skip_special_tokens=False))
+            if m:
+                return m.group(1)
+    raise UserError("the training chat template writes the day it rendered ('Today Date: ...'), and that day "
+                    f"could not be read back from {run.root / 'data'}/*.parquet",
+                    hint="re-run the data stage (`--force data`) so its token files exist")
+
+
 @dataclass
 class _Plan:
     family: Any
@@ -575,6 +637,7 @@ class _Plan:
     add_bos: bool
     emit_bos: bool
     template: str
+    jinja_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def _plan(run, gguf: Path) -> _Plan:
@@ -597,8 +660,11 @@ def _plan(run, gguf: Path) -> _Plan:
     # Training starts with BOS when the template wrote it or the tokenizer added it (data.py).
     trained_bos = bool(bos) and (probe.startswith(bos) or tokenizer_adds_bos(tok))
     emit_bos = trained_bos and not add_bos
-    template = fam.build(emit_bos=emit_bos, bos_token=bos, eos_token=tok.eos_token)
-    return _Plan(fam, jinja, jpath, tok, bool(add_bos), emit_bos, template)
+    kwargs: dict[str, Any] = {}
+    if fam.dated:
+        kwargs["date_string"] = training_date_string(run, tok)
+    template = fam.build(emit_bos=emit_bos, bos_token=bos, eos_token=tok.eos_token, **kwargs)
+    return _Plan(fam, jinja, jpath, tok, bool(add_bos), emit_bos, template, kwargs)
 
 
 def _fidelity(plan: _Plan, system: str | None, run, *, require_go: bool):
@@ -612,7 +678,8 @@ def _fidelity(plan: _Plan, system: str | None, run, *, require_go: bool):
         ui.warn("Go is not installed: checking against the family's reference template instead of Go's "
                 "text/template (install golang-go for the full proof, then `ollama-ft modelfile RUN --check`)")
         return _fidelity_without_go(plan, convs)
-    return check_fidelity(plan.jinja, plan.template, convs, plan.tokenizer, add_bos=plan.add_bos)
+    return check_fidelity(plan.jinja, plan.template, convs, plan.tokenizer, add_bos=plan.add_bos,
+                          jinja_kwargs=plan.jinja_kwargs)
 
 
 def _fidelity_without_go(plan: _Plan, convs):
@@ -624,12 +691,13 @@ def _fidelity_without_go(plan: _Plan, convs):
     for conv in convs:
         msgs = ollama_view(conv)
         try:
-            a = render_hf(plan.jinja, msgs, bos_token=bos, eos_token=eos, prefill=conv.prefill)
+            a = render_hf(plan.jinja, msgs, bos_token=bos, eos_token=eos, prefill=conv.prefill, **plan.jinja_kwargs)
         except Exception as e:
             results.append(ConversationCheck(conv.name, "skipped", f"the training template refuses it: {e}"))
             continue
         try:
-            b = render_hf(plan.family.jinja, msgs, bos_token=bos, eos_token=eos, prefill=conv.prefill)
+            b = render_hf(plan.family.jinja, msgs, bos_token=bos, eos_token=eos, prefill=conv.prefill,
+                          **plan.jinja_kwargs)
         except Exception as e:
             results.append(ConversationCheck(conv.name, "mismatch", f"the family template refuses it: {e}"))
             continue
@@ -665,14 +733,14 @@ def build_modelfile(cfg, run, out: Path) -> dict[str, Any]:
         plan = _plan(run, gguf)
     system = cfg.ollama.system if cfg.ollama.system is not None else cfg.data.system_prompt
     params: dict[str, list[str]] = {}
-    user_params = dict(cfg.ollama.parameters or {})
-    user_stop = format_parameter("stop", user_params.pop("stop")) if "stop" in user_params else []
-    params["stop"] = list(dict.fromkeys([*plan.family.stop, *user_stop]))
+    user_params = {k: [] for k in ("stop",)} | dict(cfg.ollama.parameters or {})
     for k, v in user_params.items():
         try:
             params[k] = format_parameter(k, v)
         except ModelfileError as e:
             raise UserError(f"ollama.parameters.{k}: {e.message}", hint=e.hint) from None
+    # The family's turn markers always stop generation; user stops come on top.
+    params["stop"] = list(dict.fromkeys([*plan.family.stop, *params["stop"]]))
     licenses = []
     meta = run.root / "base" / "ollama_ft_base.json"
     if meta.is_file():

@@ -207,7 +207,7 @@ def register_run(cfg, run, host: str, gate_force: bool = False) -> dict[str, Any
     client = ollama.Client(host=host, timeout=httpx.Timeout(30.0, read=600.0))
     try:
         uploaded, skipped = _sync_blobs(http, local, host, name, modelfile_path)
-        statuses = _create(client, name, req, host, modelfile_path)
+        statuses = create_model(client, name, req)
         verify = _verify(http, client, name, req)
         digest = _manifest_digest(client, name)
     except (httpx.ConnectError, httpx.ConnectTimeout, ConnectionError):
@@ -215,6 +215,10 @@ def register_run(cfg, run, host: str, gate_force: bool = False) -> dict[str, Any
     except httpx.TimeoutException as e:
         raise UserError(f"Ollama at {host} stopped answering ({type(e).__name__})",
                         hint="check the server log (`journalctl -u ollama` or the `ollama serve` terminal)") from None
+    except httpx.TransportError as e:
+        raise UserError(f"lost the connection to Ollama at {host}: {e or type(e).__name__}",
+                        hint="check that `ollama serve` is still running, then run `ollama-ft register` again; "
+                             "blobs already uploaded are not sent twice") from None
     finally:
         http.close()
         client._client.close()
@@ -277,15 +281,23 @@ def _sync_blobs(http, local: dict[str, Path], host: str, name: ModelName, modelf
         ui.success(f"blobs already in Ollama at {host}: nothing to upload")
         return 0, True
     sent = 0
+    t0 = time.time()
     with ui.progress_bytes() as prog:
         for digest, path in missing:
-            task = prog.add_task(f"uploading {path.name}", total=path.stat().st_size)
+            size = path.stat().st_size
+            if not ui.err.is_terminal:
+                ui.info(f"uploading {path.name} ({size / 1e6:.1f} MB) to {host}")
+            task = prog.add_task(f"uploading {path.name}", total=size)
             sent += upload_blob(http, path, digest, prog, task)
+    ui.success(f"uploaded {sent / 1e6:.1f} MB in {time.time() - t0:.1f}s")
     return sent, False
 
 
-def _create(client, name: ModelName, req: dict[str, Any], host: str, modelfile_path: Path) -> list[str]:
-    """POST /api/create streaming; show progress; require a final `success`."""
+def create_model(client, name: ModelName, req: dict[str, Any], host: str = "", modelfile_path: Path | None = None
+                 ) -> list[str]:
+    """POST /api/create (structured fields of `req`) streaming through the official client; show the
+    NDJSON progress; require a final `success`. Returns the status lines. (`host` and
+    `modelfile_path` are accepted for callers' convenience and not used.)"""
     import ollama
 
     kwargs = {k: req[k] for k in ("files", "adapters", "template", "license", "system", "parameters", "messages")
@@ -314,6 +326,9 @@ def _create(client, name: ModelName, req: dict[str, Any], host: str, modelfile_p
         raise UserError(f"Ollama's create for {name.display} ended without 'success' (last status: "
                         f"{statuses[-1] if statuses else 'none'})", hint="check the Ollama server log")
     return statuses
+
+
+_create = create_model  # the name registry.py imported first
 
 
 def _create_hint(error: str) -> str | None:
@@ -389,10 +404,19 @@ def _verify(http, client, name: ModelName, req: dict[str, Any]) -> dict[str, Any
         raise UserError(f"Ollama stored {name.display}, but /api/show does not match what was sent: "
                         + "; ".join(problems),
                         hint="a newer Ollama may rewrite the model; compare `ollama show --modelfile` with the Modelfile")
+    import ollama
+
     t0 = time.time()
-    resp = client.chat(model=name.display, messages=[{"role": "user", "content": VERIFY_PROMPT}],
-                       options={"num_predict": 16, "temperature": 0, "seed": 0}, stream=False)
+    try:
+        resp = client.chat(model=name.display, messages=[{"role": "user", "content": VERIFY_PROMPT}],
+                           options={"num_predict": 16, "temperature": 0, "seed": 0}, stream=False)
+    except ollama.ResponseError as e:
+        raise UserError(f"{name.display} was created, but a test chat failed (HTTP {e.status_code}): {e.error}",
+                        hint=f"try `ollama run {name.display}` and check the Ollama server log") from None
     reply = resp.message.content or ""
+    n_params = len(req.get("parameters") or {})
+    ui.success(f"verified: /api/show matches the TEMPLATE and {n_params} parameters sent; "
+               f"a test chat answered {reply[:60]!r}")
     if not reply.strip():
         ui.warn(f"{name.display} answered an empty string to a test chat; try `ollama run {name.display}`")
     return {
@@ -413,6 +437,40 @@ def _manifest_digest(client, name: ModelName) -> str:
             return m.digest or ""
     raise UserError(f"{name.display} is missing from Ollama's model list right after it was created",
                     hint="check the Ollama server log")
+
+
+# -------------------------------------------------------------------------------------------
+# One chat, for evaluation and scripts
+
+
+def chat_once(host: str, model: str, messages: list[dict[str, str]], options: dict[str, Any] | None = None,
+              timeout: float = 600.0) -> dict[str, Any]:
+    """One non-streamed /api/chat (the eval stage uses it with eval.via=ollama). Returns {content,
+    done_reason ("stop" | "length" | ...), eval_count, prompt_eval_count, eval_duration_ns,
+    total_duration_ns}; Ollama's errors become UserError."""
+    import httpx
+    import ollama
+
+    client = ollama.Client(host=host, timeout=httpx.Timeout(30.0, read=timeout))
+    try:
+        r = client.chat(model=model, messages=messages, options=options or {}, stream=False)
+    except (httpx.ConnectError, httpx.ConnectTimeout, ConnectionError):
+        raise UserError(f"cannot connect to Ollama at {host}", hint="start it with `ollama serve`") from None
+    except ollama.ResponseError as e:
+        if e.status_code == 404:
+            raise UserError(f"model {model!r} is not in Ollama at {host}",
+                            hint="register it first (`ollama-ft register RUN`), or `ollama pull` the base") from None
+        raise UserError(f"Ollama failed to chat with {model} (HTTP {e.status_code}): {e.error}") from None
+    finally:
+        client._client.close()
+    return {
+        "content": r.message.content or "",
+        "done_reason": r.done_reason,
+        "eval_count": r.eval_count,
+        "prompt_eval_count": r.prompt_eval_count,
+        "eval_duration_ns": r.eval_duration,
+        "total_duration_ns": r.total_duration,
+    }
 
 
 # -------------------------------------------------------------------------------------------
@@ -531,27 +589,3 @@ def _pick_gguf(run) -> Path:
         return models[0]
     raise UserError(f"no model GGUF in {d}", hint=f"run `ollama-ft export {run.root}`")
 
-
-def chat_once(host: str, model: str, messages: list[dict[str, str]], options: dict[str, Any] | None = None,
-              timeout: float = 600.0) -> dict[str, Any]:
-    """One non-streamed /api/chat call (used by the eval stage, eval.via=ollama).
-
-    Returns {"content", "done_reason" ("stop" | "length" | ...), "eval_count", "eval_duration_ns"}.
-    """
-    import httpx
-    import ollama
-
-    client = ollama.Client(host=host, timeout=httpx.Timeout(30.0, read=timeout))
-    try:
-        r = client.chat(model=model, messages=messages, stream=False, options=options or {})
-    except (httpx.ConnectError, httpx.ConnectTimeout, ConnectionError):
-        raise UserError(f"cannot connect to Ollama at {host}", hint="start it with `ollama serve`") from None
-    except ollama.ResponseError as e:
-        if e.status_code == 404:
-            raise UserError(f"model {model!r} is not in Ollama at {host}",
-                            hint="register it first (`ollama-ft register RUN`), or `ollama pull` the base") from None
-        raise UserError(f"Ollama failed to chat with {model} (HTTP {e.status_code}): {e.error}") from None
-    finally:
-        client._client.close()
-    return {"content": r.message.content or "", "done_reason": r.done_reason, "eval_count": r.eval_count,
-            "eval_duration_ns": r.eval_duration}

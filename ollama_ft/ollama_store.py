@@ -167,7 +167,7 @@ def parse_name(s: str) -> ModelName:
                         "(e.g. `localhost:5000/team/my-model:v1`)")
             raise UserError(f"invalid model name {raw!r}: {part} {str(value)!r} is not valid; {_rule_text(part)}",
                             hint=hint)
-    if scheme and scheme not in ("http", "https"):
+    if scheme and scheme.lower() not in ("http", "https"):
         raise UserError(f"invalid model name {raw!r}: scheme {scheme!r} must be http or https")
     return ModelName(host=str(filled["host"]), namespace=str(filled["namespace"]), model=str(filled["model"]),
                      tag=str(filled["tag"]), scheme=scheme)

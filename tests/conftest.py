@@ -87,3 +87,12 @@ def tiny_gguf(tmp_path_factory, tiny_llama) -> Path:
     out = tmp_path_factory.mktemp("tiny_gguf") / "tiny-llama-F16.gguf"
     convert_to_gguf(tiny_llama, out, outtype="f16")
     return out
+
+
+@pytest.fixture
+def fake_ollama(tmp_path):
+    """The stand-in Ollama server (tests/fake_ollama.py) on 127.0.0.1, store under tmp_path/ollama-models."""
+    from tests.fake_ollama import running_fake_ollama
+
+    with running_fake_ollama(tmp_path / "ollama-models") as fake:
+        yield fake

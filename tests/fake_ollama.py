@@ -10,28 +10,29 @@ What it does not do: pull/push, safetensors conversion, template auto-detection 
 (§6.2), the v0.30 `llama-quantize COPY` re-write (it keeps the uploaded blob as the model layer,
 like Ollama up to v0.24), the Host check.
 
-Use the `fake_ollama` fixture: `.url`, `.store_dir`, `.store`, `.requests` (one `Req` per request:
+Use the `fake_ollama` fixture (tests/conftest.py) or the `running_fake_ollama(store_dir)` context manager: `.url`, `.store_dir`, `.store`, `.requests` (one `Req` per request:
 method, path, received body bytes, status) and fault switches:
   `.fail_create_midstream = "message"`  error line after the progress lines of /api/create
   `.fail_status[path] = (500, "message")`  answer that path with that status and JSON error
+  `.drop_uploads = True`  the connection closes during a blob upload, with no answer
   `.prune_before_create = True`  the uploaded GGUF vanishes before /api/create reads it
   `.rewrite_template = fn`  store fn(TEMPLATE) instead of the TEMPLATE sent
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import re
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath
 from typing import Any
-
-import pytest
 
 from ollama_ft.errors import UserError
 from ollama_ft.ollama_store import (
@@ -82,6 +83,7 @@ class FakeOllama:
     requests: list[Req] = field(default_factory=list)
     fail_create_midstream: str | None = None
     fail_status: dict[str, tuple[int, str]] = field(default_factory=dict)
+    drop_uploads: bool = False  # close the connection during POST /api/blobs, answering nothing
     prune_before_create: bool = False  # delete the `files` blobs when /api/create arrives (a prune)
     rewrite_template: Any = None  # callable(str) -> str applied to a stored TEMPLATE (a "newer server")
     n_ctx: int = 512
@@ -116,6 +118,10 @@ class FakeOllama:
     # -- helpers for tests -------------------------------------------------------------------
     def bytes_received(self, prefix: str = "/api/blobs/", method: str = "POST") -> int:
         return sum(r.received for r in self.requests if r.method == method and r.path.startswith(prefix))
+
+    def blob_bytes_received(self) -> int:
+        """Body bytes the server read from POST /api/blobs/* (0 for a re-register that skips uploads)."""
+        return self.bytes_received("/api/blobs/", "POST")
 
     def calls(self, method: str, prefix: str) -> list[Req]:
         return [r for r in self.requests if r.method == method and r.path.startswith(prefix)]
@@ -368,6 +374,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, b"", ctype="", close=True)
             return
         length = int(self.headers.get("Content-Length") or 0)
+        if self.fake.drop_uploads:  # a server that dies mid-upload
+            self._req.received += len(self.rfile.read(min(length, 1024)))
+            self.close_connection = True
+            return
         counting = _CountingReader(self.rfile, self._req)
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             import io
@@ -749,11 +759,12 @@ class _CountingReader:
         return b
 
 
-@pytest.fixture
-def fake_ollama(tmp_path):
-    """A running stand-in Ollama server with an empty store under tmp_path/models."""
-    fake = FakeOllama(store_dir=tmp_path / "models").start()
+@contextlib.contextmanager
+def running_fake_ollama(store_dir: Path) -> Iterator[FakeOllama]:
+    """A started stand-in server with its store at `store_dir`; stopped on exit."""
+    fake = FakeOllama(store_dir=Path(store_dir)).start()
     try:
         yield fake
     finally:
         fake.stop()
+

@@ -110,11 +110,14 @@ def test_detect_refuses_look_alikes():
     other_default = ct.family_jinja("qwen2.5").replace("You are Qwen, created by Alibaba Cloud.", "You are Bob.")
     assert ct.detect_family(other_default) is None
     assert any("differs" in line for line in ct.explain_detection(other_default))
-    # A Llama 3 header template that writes today's date cannot match a fixed-date Go template.
+    # A Llama 3 header that always writes today's date (ignoring date_string) matches no family.
     dated = ct.family_jinja("llama3.1").replace("(date_string if date_string is defined else '26 Jul 2024')",
                                                 "strftime_now('%d %b %Y')")
     assert "strftime_now" in dated
     assert ct.detect_family(dated) is None
+    # Llama 3.2 style (today unless date_string is given) is its own, dated family.
+    assert ct.detect_family(ct.family_jinja("llama3.1").replace(
+        "else '26 Jul 2024'", "else strftime_now('%d %b %Y')")) == "llama3.2"
     assert "no known family" in ct.explain_detection("{{ messages }}")[0]
 
 
@@ -215,3 +218,42 @@ def test_fidelity_catches_wrong_template_and_bos(chat_templates_dir, family_toke
     assert rep.ok
     rep = ct.check_fidelity(gemma, fam.build(emit_bos=True, bos_token=tok.bos_token), tokenizer=tok, add_bos=True)
     assert not rep.ok  # two BOS
+
+
+# ------------------------------------------------------------------------------------------
+# The real Gemma 3 270M GGUF: its own chat template, and llama.cpp's own tokenizer
+
+
+@pytest.mark.slow
+@needs_go
+def test_real_gemma_gguf_llama_cpp_token_ids(gemma_gguf, chat_templates_dir):
+    """What Ollama feeds llama.cpp (Go render, BOS added per the GGUF) tokenizes, with the real Gemma 3
+    vocabulary in llama.cpp, to exactly what the Gemma 3 jinja template renders for training."""
+    import llama_cpp
+
+    from ollama_ft.modelfile import gguf_add_bos, gguf_metadata
+
+    # This GGUF carries no template; use it when a GGUF does, else Gemma 3's published one.
+    jinja = gguf_metadata(gemma_gguf, {"tokenizer.chat_template"}).get("tokenizer.chat_template") or \
+        _fixture(chat_templates_dir, "gemma3-it")
+    assert ct.detect_family(jinja) == "gemma3"
+    add_bos = gguf_add_bos(gemma_gguf)
+    llm = llama_cpp.Llama(model_path=str(gemma_gguf), vocab_only=True, verbose=False)
+    bos = llm.detokenize([llm.token_bos()], special=True).decode()
+    eos = llm.detokenize([llm.token_eos()], special=True).decode()
+    fam = ct.get_family("gemma3")
+    tpl = fam.build(emit_bos=not add_bos, bos_token=bos, eos_token=eos)
+    served = ct.render_go_batch(tpl, [(c.as_dicts(), c.system) for c in ct.CONVERSATIONS])
+    matched = 0
+    for conv, go_text in zip(ct.CONVERSATIONS, served, strict=True):
+        try:
+            hf_text = ct.render_hf(jinja, ct.ollama_view(conv), bos_token=bos, eos_token=eos, prefill=conv.prefill)
+        except Exception:
+            assert conv.name in REFUSED["gemma3"]
+            continue
+        train_ids = llm.tokenize(hf_text.encode(), add_bos=bool(add_bos and not hf_text.startswith(bos)), special=True)
+        served_ids = llm.tokenize(go_text.encode(), add_bos=bool(add_bos), special=True)
+        assert train_ids == served_ids, conv.name
+        assert train_ids.count(llm.token_bos()) == 1
+        matched += 1
+    assert matched == len(ct.CONVERSATIONS) - len(REFUSED["gemma3"])

