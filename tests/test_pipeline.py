@@ -57,7 +57,8 @@ def test_full_pipeline_on_tiny_model_registers_and_chats(tmp_path, tiny_llama, f
 
     reply = ollama_api.chat_once(fake_ollama.url, "tiny-e2e", [{"role": "user", "content": "hello"}],
                                  options={"num_predict": 8})
-    assert isinstance(reply, str) and reply != ""
+    assert isinstance(reply["content"], str) and reply["content"] != ""
+    assert reply["done_reason"] in ("stop", "length")
 
     # A second run skips every finished stage and re-registers without uploading anything.
     before = fake_ollama.blob_bytes_received() if hasattr(fake_ollama, "blob_bytes_received") else None
