@@ -551,7 +551,7 @@ def ollama_view(conv: Conversation | list[dict[str, str]], system: str | None = 
 
 
 # ------------------------------------------------------------------------------------------
-# Rendering: HF jinja (transformers) and Go text/template (tests/go_render)
+# Rendering: HF jinja (transformers) and Go text/template (ollama_ft/go_render, shipped as package data)
 
 
 def render_hf(jinja: str, messages: list[dict[str, str]], *, bos_token: str | None = None,
@@ -571,10 +571,10 @@ _GO_SRC_ENV = "OLLAMA_FT_GO_RENDER_SRC"
 
 def _go_source() -> Path:
     env = os.environ.get(_GO_SRC_ENV)
-    p = Path(env) if env else Path(__file__).resolve().parent.parent / "tests" / "go_render" / "main.go"
+    p = Path(env) if env else Path(__file__).resolve().parent / "go_render" / "main.go"
     if not p.is_file():
         raise UserError(f"the Go renderer source is missing: {p}",
-                        hint=f"run from an ollama-ft checkout, or set {_GO_SRC_ENV} to tests/go_render/main.go")
+                        hint=f"reinstall ollama-ft, or set {_GO_SRC_ENV} to ollama_ft/go_render/main.go")
     return p
 
 
