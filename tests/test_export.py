@@ -225,6 +225,7 @@ def test_gemma3_270m_merge_export_end_to_end(gemma_gguf, tmp_path):
     from tests.test_merge import make_adapter
 
     hf = sources.dequantize_gguf(sources.embedded_gguf(), pkg.EXPECTED_SHA256)
+    hf = hf[0] if isinstance(hf, tuple) else hf
     template = GGUFReader(str(gemma_gguf)).fields["tokenizer.chat_template"].contents()
     run = make_run(tmp_path, hf)
     base = run.root / "base"

@@ -164,6 +164,7 @@ def test_hf_repo_download_links_files_and_keeps_token_secret(tmp_path, fake_hub,
 def test_hf_without_token_does_not_read_stored_tokens(tmp_path, fake_hub):
     sources.build_base(_cfg("someone/tiny-llama"), tmp_path / "base")
     assert fake_hub[0]["token"] is False
+    assert fake_hub[0]["local_files_only"] is True  # HF_HUB_OFFLINE=1 in tests: the cache only, no retries
 
 
 def test_hf_offline_is_a_clear_error(tmp_path, monkeypatch):
@@ -389,3 +390,48 @@ def test_embedded_gemma_becomes_a_loadable_hf_dir_with_chat_template(tmp_path, m
     model = AutoModelForCausalLM.from_pretrained(str(out))
     assert model.config.architectures == ["Gemma3ForCausalLM"]
     assert "Gemma3ForCausalLM" in info["summary"]
+
+
+# ------------------------------------------------------------------------------------------
+# `ollama-ft pull` end to end, and the stage inside the pipeline
+
+
+def test_pull_command_writes_out_atomically_and_refuses_foreign_dirs(tmp_path, tiny_llama, capsys):
+    out = tmp_path / "pulled"
+    meta = sources.pull_command(str(tiny_llama), out=out)
+    assert _meta(out)["source_kind"] == "local_dir" and meta["architecture"] == "LlamaForCausalLM"
+    assert "model.base" in capsys.readouterr().out  # tells the user how to use it
+    sources.pull_command(str(tiny_llama), out=out)  # a second pull replaces its own output
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not a directory written by"):
+        sources.pull_command(str(tiny_llama), out=foreign)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_cli_pull_dry_run_and_unknown_name():
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "ollama_ft", "pull", "mistral:7b", "--dry-run"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "MistralForCausalLM" in p.stdout and "Apache-2.0" in p.stdout
+    p = subprocess.run([sys.executable, "-m", "ollama_ft", "pull", "mistrl:7b", "--dry-run"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "mistrl:7b" in p.stderr and "mistral:7b" in p.stderr
+
+
+def test_pull_stage_in_the_pipeline_is_skipped_when_done(tmp_path, tiny_llama):
+    from ollama_ft.pipeline import run_pipeline
+
+    overrides = [f"model.base={tiny_llama}", f"runs_dir={tmp_path / 'runs'}", "name=t"]
+    run = run_pipeline(None, overrides, until="pull")
+    entry = run.entry("pull")
+    assert entry["info"]["source_kind"] == "local_dir" and (run.root / "base" / sources.BASE_META).is_file()
+    run_pipeline(None, overrides, until="pull")
+    assert run.entry("pull")["started"] == entry["started"]  # same fingerprint: not redone
