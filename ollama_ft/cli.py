@@ -20,11 +20,11 @@ app = typer.Typer(
     help=(
         "Fine-tune a base model on your own data and run it in your local Ollama.\n\n"
         "Typical use:\n\n"
-        "  ollama-ft train configs/demo.yaml        # pull, data, QLoRA, merge, GGUF, Modelfile, register\n\n"
+        "  ollama-ft train configs/demo.yaml        # pull, data, QLoRA, merge, GGUF, Modelfile, eval, register\n\n"
         "  ollama run demo                          # chat with the tuned model\n\n"
         "  ollama-ft publish demo --registry 127.0.0.1:5000/team\n\n"
         "Each stage is also a command of its own (pull, data, train, merge, export, modelfile,\n"
-        "register, eval) and works on a run directory under runs/. `ollama-ft status RUN` shows\n"
+        "eval, register) and works on a run directory under runs/. `ollama-ft status RUN` shows\n"
         "which stages are done."
     ),
     no_args_is_help=True,
@@ -68,14 +68,14 @@ def _main(
 def train(
     config: ConfigArg,
     set_: SetOpt = None,
-    until: Annotated[str | None, typer.Option(help="Stop after this stage (pull, data, train, merge, export, modelfile, register, eval)")] = None,
+    until: Annotated[str | None, typer.Option(help="Stop after this stage (pull, data, train, merge, export, modelfile, eval, register)")] = None,
     from_: Annotated[str | None, typer.Option("--from", help="Redo from this stage on (earlier done stages are reused)")] = None,
     force: Annotated[list[str] | None, typer.Option(help="Redo this stage even if done (repeatable)")] = None,
     resume: Annotated[bool, typer.Option(help="Resume training from the newest checkpoint")] = True,
     nproc: Annotated[int | None, typer.Option(help="Data-parallel processes for training (torchrun)")] = None,
     name: Annotated[str | None, typer.Option(help="Model name in Ollama (default: ollama.name or the run name)")] = None,
 ) -> None:
-    """Run the whole pipeline: pull -> data -> train -> merge -> export -> modelfile -> register -> eval.
+    """Run the whole pipeline: pull -> data -> train -> merge -> export -> modelfile -> eval -> register.
 
     Finished stages are skipped (their fingerprint matches), so re-running continues where it
     stopped. Without a reachable Ollama server it stops after the Modelfile and prints the

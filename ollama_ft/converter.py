@@ -70,7 +70,9 @@ elif tj.is_file():
     except Exception:
         model_type = None
     tok_info["kind"] = (model_type or "unknown").lower()
-    if model_type == "BPE":
+    # In convert mode the converter runs the same check itself, after planning tensors (lazy, cheap) and
+    # before writing any; its error is mapped to the same message, so the tokenizer is not loaded twice.
+    if model_type == "BPE" and mode != "convert":
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         import logging

@@ -213,11 +213,16 @@ def paired_test(base: Sequence[float], tuned: Sequence[float], *, n_boot: int = 
     }
 
 
-def verdict(test: dict[str, Any], higher_is_better: bool) -> str:
-    """'better' / 'worse' / 'no significant change' for tuned relative to base."""
+def verdict(test: dict[str, Any], higher_is_better: bool | None) -> str:
+    """'better' / 'worse' / 'no significant change' for tuned relative to base.
+
+    higher_is_better=None marks a neutral quantity (e.g. answer length): 'higher' / 'lower'.
+    """
     if not test.get("significant"):
         return "no significant change"
     up = test["mean_diff"] > 0
+    if higher_is_better is None:
+        return "higher" if up else "lower"
     return "better" if up == higher_is_better else "worse"
 
 

@@ -25,14 +25,14 @@ from .errors import UserError
 from .runs import Run, atomic_write_text
 
 # Per-example metrics compared base vs tuned: key -> (higher_is_better, label)
-COMPARED: dict[str, tuple[bool, str]] = {
+COMPARED: dict[str, tuple[bool | None, str]] = {
     "nll": (False, "answer NLL/token (log perplexity)"),
     "rouge_l": (True, "ROUGE-L F1"),
     "bleu": (True, "BLEU (sentence)"),
     "chrf": (True, "chrF (sentence)"),
     "exact": (True, "exact match"),
     "contains": (True, "contains reference"),
-    "answer_words": (True, "answer length (words)"),
+    "answer_words": (None, "answer length (words)"),  # neither better nor worse by itself
     "hit_limit": (False, "ran into token limit"),
 }
 
@@ -149,8 +149,13 @@ def base_gguf(cfg: RunConfig, run: Run) -> tuple[Path, str]:
     meta_path = base_dir / "ollama_ft_base.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     src = meta.get("gguf_source")
+    src_type = None
     if isinstance(src, dict):  # sources.py records {"path", "sha256", "file_type", ...}
-        src = src.get("path")
+        src, src_type = src.get("path"), src.get("file_type")
+    # Compare like with like: the base's own GGUF only when it has the tuned model's quant, so a
+    # difference measures the fine-tune and not a quantization level (a 270M model loses a lot at Q4).
+    if src and src_type and str(src_type).upper() != cfg.ollama.quant.upper():
+        src = None
     if src:
         p = Path(src)
         if not p.is_absolute() and not p.is_file():
@@ -250,8 +255,9 @@ def run_model(label: str, gguf: Path | None, records: list[dict[str, Any]], cfg:
                         gens.append(llama.generate(msgs, ev.max_new_tokens, prompt=prefix))
                     else:
                         gens.append(gen_engine.generate(msgs, ev.max_new_tokens))
-                if llama is not None and "labels" in rec:
-                    nll.append(llama.nll(rec["input_ids"], rec["labels"]))
+                if llama is not None:
+                    # (0, 0) keeps the list aligned with the records when an example has no tokens
+                    nll.append(llama.nll(rec["input_ids"], rec["labels"]) if "labels" in rec else (0.0, 0))
                 prog.advance(task)
     finally:
         if llama is not None:

@@ -24,7 +24,7 @@ from typing import Any
 
 from . import ui
 from .errors import UserError
-from .runs import atomic_write_text, sha256_file
+from .runs import atomic_write_text
 
 QUANT_FTYPES = {"Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
                 "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
@@ -165,16 +165,92 @@ def _run_worker(script: str, args: list[str], what: str, timeout: float = 3600,
 # Structural verification (usable on any GGUF; registration calls it)
 
 
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+class _Truncated(Exception):
+    pass
+
+
+def read_gguf_index(path: str | Path) -> dict[str, Any]:
+    """Header, metadata (scalars, strings, and small arrays) and tensor index of a GGUF, in one pass.
+
+    Much faster than gguf.GGUFReader on large vocabularies: big arrays (262k tokens) are skipped, not
+    materialised. Raises _Truncated / ValueError on a damaged file.
+    """
+    import mmap
+    import struct
+
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        size = len(mm)
+        pos = 0
+
+        def take(n: int) -> bytes:
+            nonlocal pos
+            if pos + n > size:
+                raise _Truncated(f"needs byte {pos + n}, file has {size}")
+            b = mm[pos:pos + n]
+            pos += n
+            return b
+
+        def unpack(fmt: str):
+            return struct.unpack(fmt, take(struct.calcsize(fmt)))[0]
+
+        def string() -> str:
+            n = unpack("<Q")
+            if n > size:
+                raise ValueError(f"string length {n} larger than the file")
+            return take(n).decode("utf-8", "replace")
+
+        def value(vtype: int, keep: bool = True):
+            nonlocal pos
+            if vtype in _SCALAR:
+                return unpack(_SCALAR[vtype])
+            if vtype == 8:
+                return string()
+            if vtype == 9:
+                etype, count = unpack("<I"), unpack("<Q")
+                if etype in _SCALAR:
+                    width = struct.calcsize(_SCALAR[etype])
+                    if count * width > size:
+                        raise ValueError(f"array of {count} items larger than the file")
+                    if keep and count <= 64:
+                        return list(struct.unpack(f"<{count}{_SCALAR[etype][1]}", take(count * width)))
+                    take(count * width)
+                    return {"array_of": etype, "count": count}
+                items = [value(etype, keep and count <= 64) for _ in range(count)]
+                return items if keep and count <= 64 else {"array_of": etype, "count": count}
+            raise ValueError(f"unknown GGUF value type {vtype}")
+
+        if take(4) != b"GGUF":
+            raise ValueError("bad magic")
+        version = unpack("<I")
+        n_tensors, n_kv = unpack("<Q"), unpack("<Q")
+        if n_tensors > size or n_kv > size:
+            raise ValueError(f"implausible counts (tensors {n_tensors}, keys {n_kv})")
+        fields: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = string()
+            fields[key] = value(unpack("<I"))
+        tensors = []
+        for _ in range(n_tensors):
+            name = string()
+            dims = [unpack("<Q") for _ in range(unpack("<I"))]
+            tensors.append((name, dims, unpack("<I"), unpack("<Q")))
+        align = int(fields.get("general.alignment", 32) or 32)
+        data_start = (pos + align - 1) // align * align
+    return {"version": version, "fields": fields, "tensors": tensors, "data_start": data_start, "size": size}
+
+
 def verify_gguf_file(path: str | Path, load: bool = True) -> dict[str, Any]:
     """Check that a GGUF file is whole and sane; raise UserError if it is truncated or corrupted.
 
-    Reads the header, metadata and tensor index with the gguf reader, checks that every tensor's data
-    lies inside the file, that the basic keys exist (architecture, tokenizer), and (load=True) that
-    llama.cpp loads it with tensor-data validation, in a subprocess. Returns a summary dict:
-    {path, bytes, architecture, type, name, tensors, file_type, chat_template, lineage keys, tokenizer_model,
-    n_params?, n_vocab?}.
+    Reads the header, metadata and tensor index, checks that every tensor's data lies inside the file,
+    that the basic keys exist (architecture, tokenizer), and (load=True) that llama.cpp loads it with
+    tensor-data validation, in a subprocess. Returns a summary dict: {path, bytes, architecture, type,
+    name, tensors, file_type, chat_template, lineage, tokenizer_model, tokenizer_pre, n_params?, n_vocab?}.
     """
-    from gguf import GGUFReader
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     path = Path(path)
     if not path.is_file():
@@ -186,49 +262,45 @@ def verify_gguf_file(path: str | Path, load: bool = True) -> dict[str, Any]:
     if magic != b"GGUF":
         raise UserError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')", hint=hint)
     try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on a bad header
-        raise UserError(f"{path}: GGUF header or metadata is corrupted or truncated ({type(e).__name__}: {e})",
-                        hint=hint) from None
+        idx = read_gguf_index(path)
+    except (_Truncated, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: GGUF header or metadata is corrupted or truncated ({e})", hint=hint) from None
     problems: list[str] = []
-    end = 0
-    for t in reader.tensors:
-        stop = int(t.data_offset) + int(t.n_bytes)
-        end = max(end, stop)
-        if stop > size:
-            problems.append(f"tensor {t.name} ends at byte {stop} but the file has {size}")
-    if not reader.tensors:
-        problems.append("no tensors")
-
-    def field(key: str) -> Any:
-        f = reader.fields.get(key)
-        if f is None:
-            return None
+    for name, dims, ttype, off in idx["tensors"]:
         try:
-            return f.contents()
-        except Exception:
-            return None
-
-    arch = field("general.architecture")
-    gtype = field("general.type") or "model"
+            block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+        except (ValueError, KeyError):
+            problems.append(f"tensor {name}: unknown type {ttype}")
+            continue
+        n = 1
+        for d in dims:
+            n *= d
+        stop = idx["data_start"] + off + n // block * nbytes
+        if stop > size:
+            problems.append(f"tensor {name} ends at byte {stop} but the file has {size}")
+    if not idx["tensors"]:
+        problems.append("no tensors")
+    fields = idx["fields"]
+    arch = fields.get("general.architecture")
+    gtype = fields.get("general.type") or "model"
     if not arch:
         problems.append("general.architecture missing")
-    if gtype != "adapter" and field("tokenizer.ggml.model") is None:
+    if gtype != "adapter" and fields.get("tokenizer.ggml.model") is None:
         problems.append("tokenizer.ggml.model missing")
-    if gtype != "adapter" and not reader.fields.get("tokenizer.ggml.tokens"):
+    if gtype != "adapter" and not fields.get("tokenizer.ggml.tokens"):
         problems.append("tokenizer.ggml.tokens missing")
     if problems:
         raise UserError(f"{path}: GGUF is corrupted or truncated", hint=hint, details=problems[:10])
     info: dict[str, Any] = {
         "path": str(path), "bytes": size, "architecture": arch, "type": gtype,
-        "name": field("general.name"), "tensors": len(reader.tensors), "file_type": field("general.file_type"),
-        "chat_template": field("tokenizer.chat_template"), "tokenizer_model": field("tokenizer.ggml.model"),
-        "tokenizer_pre": field("tokenizer.ggml.pre"),
-        "lineage": {k: field(k) for k in reader.fields if k.startswith(("general.base_model.", "general.dataset.",
-                                                                       "general.finetune"))},
+        "name": fields.get("general.name"), "tensors": len(idx["tensors"]), "file_type": fields.get("general.file_type"),
+        "chat_template": fields.get("tokenizer.chat_template"), "tokenizer_model": fields.get("tokenizer.ggml.model"),
+        "tokenizer_pre": fields.get("tokenizer.ggml.pre"),
+        "lineage": {k: v for k, v in fields.items() if k.startswith(("general.base_model.", "general.dataset.",
+                                                                    "general.finetune"))},
     }
     if gtype == "adapter":
-        info["adapter"] = {k: field(k) for k in reader.fields if k.startswith("adapter.")}
+        info["adapter"] = {k: v for k, v in fields.items() if k.startswith("adapter.")}
     if load and gtype != "adapter":
         res = _run_worker(_CHECK_WORKER, [str(path)], f"loading {path.name}", timeout=1800)
         if not res or not res.get("loaded"):
@@ -471,7 +543,6 @@ def build_gguf(cfg, run, merged_dir: Path, out: Path) -> dict[str, Any]:
     return {
         "files": {q: p.name for q, p in files.items()},
         "default": files[default_q].name,
-        "sha256": {q: sha256_file(p) for q, p in files.items()},
         "verify": {q: {k: r.get(k) for k in ("ppl", "ppl_increase", "tokenizer_parity", "loaded", "generation")}
                    for q, r in results.items()},
         "reference_ppl": next(iter(results.values())).get("reference_ppl"),

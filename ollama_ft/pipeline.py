@@ -1,4 +1,4 @@
-"""The pipeline: config -> stages -> `ollama run NAME`.
+"""The pipeline: config -> stages -> `ollama run NAME` (eval runs before register: it is the gate).
 
 Each stage is one function in its own module with the signature documented in STAGE_FUNCS; this
 module only decides which stages run (fingerprints, --until/--from/--force), shows the overall
@@ -30,7 +30,7 @@ def stage_settings(cfg: RunConfig, stage: str) -> dict[str, Any]:
         "export": {"export": dump["export"], "name": cfg.ollama_name},
         "modelfile": {"ollama": {k: v for k, v in dump["ollama"].items() if k != "host"}, "name": cfg.ollama_name},
         "register": {"ollama": dump["ollama"], "name": cfg.ollama_name},
-        "eval": {"eval": dump["eval"]},
+        "eval": {"eval": dump["eval"], "quant": dump["ollama"]["quant"], "name": cfg.ollama_name},
     }[stage]
     if stage == "data":  # an edited data file must re-run the data stage
         from .data import data_files_digest
@@ -181,10 +181,27 @@ def _stage_summary(stage: str, info: dict[str, Any]) -> None:
         ui.info(f"  [dim]{summary}[/]")
 
 
+def _show_example(run: Run) -> None:
+    """One held-out question answered by the base and by the tuned model (from the eval stage)."""
+    e = run.entry("eval")
+    ex = (e or {}).get("info", {}).get("example")
+    if not ex:
+        return
+    ui.out.print("\n[bold]A held-out test question[/]")
+    ui.out.print(f"  question:  {ex.get('question', '')}", markup=False)
+    ui.out.print(f"  reference: {ex.get('reference', '')}", markup=False)
+    ui.out.print(f"  base:      {str(ex.get('base', '')).strip()[:300]}", markup=False)
+    ui.out.print(f"  tuned:     {str(ex.get('tuned', '')).strip()[:300]}", markup=False)
+    summary = e["info"].get("summary")
+    if summary:
+        ui.out.print(f"  eval: {summary}", markup=False)
+
+
 def _next_steps(cfg: RunConfig, run: Run, registered: bool, hi: int) -> None:
     name = cfg.ollama_name
+    _show_example(run)
     if hi < STAGES.index("modelfile"):
-        ui.out.print(f"next: ollama-ft train {cfg.run_name} config again without --until to continue")
+        ui.out.print("next: run the same `ollama-ft train CONFIG` command without --until to continue")
         return
     mf = run.entry("modelfile")
     if registered:

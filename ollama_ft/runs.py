@@ -28,7 +28,8 @@ from typing import Any
 from .errors import UserError
 
 # Order matters: it is the pipeline order, and "stale" propagates downstream.
-STAGES = ["pull", "data", "train", "merge", "export", "modelfile", "register", "eval"]
+# eval runs before register: registration is gated on it (a significantly worse model is refused).
+STAGES = ["pull", "data", "train", "merge", "export", "modelfile", "eval", "register"]
 STAGE_DIRS = {
     "pull": "base",
     "data": "data",
@@ -46,8 +47,8 @@ STAGE_INPUTS = {
     "merge": ["pull", "train"],
     "export": ["merge"],
     "modelfile": ["export"],
-    "register": ["modelfile", "export"],
     "eval": ["export", "data"],
+    "register": ["modelfile", "export", "eval"],
 }
 
 

@@ -37,11 +37,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if softcap:
                 capped = torch.tanh(logits / softcap)
                 logits = capped * softcap
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            tgt = logits.gather(1, y[:, None]).squeeze(1)
+            # Softmax in place on the fp32 buffer (logsumexp would allocate another [rows, vocab] tensor).
+            mx = logits.amax(dim=-1, keepdim=True)
+            sumexp = logits.sub_(mx).exp_().sum(dim=-1)
+            total += (sumexp.log() + mx.squeeze(1) - tgt).sum()
             if need_h or need_w or need_b:
-                # d CE / d logits = softmax - onehot; computed in place on the logits buffer.
-                g = logits.sub_(lse[:, None]).exp_()
+                # d CE / d logits = softmax - onehot.
+                g = logits.div_(sumexp[:, None])
                 g[torch.arange(g.shape[0], device=g.device), y] -= 1.0
                 if capped is not None:
                     g.mul_(1.0 - capped * capped)

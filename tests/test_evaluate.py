@@ -114,6 +114,7 @@ def test_paired_test_clearly_different_and_noise():
     assert t["significant"] and t["p_wilcoxon"] < 1e-6 and t["ci_low"] > 0.25
     assert em.verdict(t, higher_is_better=True) == "better"
     assert em.verdict(t, higher_is_better=False) == "worse"
+    assert em.verdict(t, higher_is_better=None) == "higher"  # neutral quantity such as length
     # symmetric noise around 0 is not significant
     noise = em.paired_test(base, base + rng.normal(0, 0.001, 40) * np.array([1, -1] * 20))
     assert noise["ci_low"] < 0 < noise["ci_high"]

@@ -13,7 +13,7 @@ from ollama_ft.errors import UserError
 from ollama_ft.runs import Run
 
 
-def make_run(tmp_path: Path, tokenizer_dir: Path, texts: list[str] | None = None) -> Run:
+def make_run(tmp_path: Path, tokenizer_dir: Path, texts: list[str] | None = None, template: str | None = None) -> Run:
     """A run directory with base/ollama_ft_base.json and data/ (validation.jsonl + parquet)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -26,6 +26,9 @@ def make_run(tmp_path: Path, tokenizer_dir: Path, texts: list[str] | None = None
     data = root / "data"
     data.mkdir()
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if template is not None:
+        tok.chat_template = template
+        (data / "chat_template.jinja").write_text(template)
     convs = [
         [{"role": "user", "content": "hello nurse, what is the dose?"},
          {"role": "assistant", "content": "Two tablets with water, morning and evening."}],
@@ -84,6 +87,12 @@ def test_preflight_rejects_unknown_bpe_pretokenizer(tiny_qwen2, tmp_path):
     with pytest.raises(UserError, match="does not recognise the BPE pre-tokenizer") as e:
         preflight(d)
     assert "update the converter" in e.value.hint
+    # the conversion itself stops with the same message, before writing anything
+    from ollama_ft.converter import convert_to_gguf
+
+    with pytest.raises(UserError, match="does not recognise the BPE pre-tokenizer"):
+        convert_to_gguf(d, tmp_path / "out" / "x.gguf")
+    assert not list((tmp_path / "out").iterdir())
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -213,6 +222,14 @@ def test_adapter_gguf_matches_merged(arch, rslora, tiny_llama, tiny_qwen2, tmp_p
     assert not list(out.glob(".base-*"))  # the scratch base GGUF is gone
 
 
+# A minimal Gemma-style turn template (the GGUF package carries none); system text goes first.
+GEMMA_TURNS = (
+    "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else 'user' %}"
+    "<start_of_turn>{{ role }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
 @pytest.mark.slow
 def test_gemma3_270m_merge_export_end_to_end(gemma_gguf, tmp_path):
     """The offline default (GGUF-sourced, dequantized to HF by sources): LoRA -> merge -> GGUF -> verify."""
@@ -226,13 +243,13 @@ def test_gemma3_270m_merge_export_end_to_end(gemma_gguf, tmp_path):
 
     hf = sources.dequantize_gguf(sources.embedded_gguf(), pkg.EXPECTED_SHA256)
     hf = hf[0] if isinstance(hf, tuple) else hf
-    template = GGUFReader(str(gemma_gguf)).fields["tokenizer.chat_template"].contents()
-    run = make_run(tmp_path, hf)
+    field = GGUFReader(str(gemma_gguf)).fields.get("tokenizer.chat_template")
+    template = field.contents() if field is not None else GEMMA_TURNS
+    run = make_run(tmp_path, hf, template=template)
     base = run.root / "base"
     for f in hf.iterdir():
         if f.is_file() and not f.name.startswith("."):
             (base / f.name).symlink_to(f)
-    (run.root / "data" / "chat_template.jinja").write_text(template)
     make_adapter(base, run.root / "adapter", r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"])
     cfg = RunConfig(name="gemma-ft")
     cfg.export.quants = ["Q4_K_M", "F16"]
