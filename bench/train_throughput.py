@@ -214,7 +214,7 @@ def main() -> None:
     ap.add_argument("--base")
     ap.add_argument("--data")
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=384, help="longest example (tokens)")
+    ap.add_argument("--seq", type=int, default=256, help="longest example (tokens)")
     ap.add_argument("--reuse", action="store_true", help="reuse a side's saved result for the same steps/seq")
     a = ap.parse_args()
     if a.side:

@@ -218,6 +218,15 @@ def read_gguf_index(path: str | Path) -> dict[str, Any]:
                         return list(struct.unpack(f"<{count}{_SCALAR[etype][1]}", take(count * width)))
                     take(count * width)
                     return {"array_of": etype, "count": count}
+                if etype == 8 and not (keep and count <= 64):
+                    # skip a big string array (a 262k-token vocabulary) without decoding it
+                    for _ in range(count):
+                        if pos + 8 > size:
+                            raise _Truncated(f"needs byte {pos + 8}, file has {size}")
+                        pos += 8 + struct.unpack_from("<Q", mm, pos)[0]
+                    if pos > size:
+                        raise _Truncated(f"needs byte {pos}, file has {size}")
+                    return {"array_of": etype, "count": count}
                 items = [value(etype, keep and count <= 64) for _ in range(count)]
                 return items if keep and count <= 64 else {"array_of": etype, "count": count}
             raise ValueError(f"unknown GGUF value type {vtype}")

@@ -174,6 +174,26 @@ def load_create_request(modelfile_path: Path) -> tuple[dict[str, Any], dict[str,
 # Registration
 
 
+def _check_gguf_blobs(run, local: dict[str, Path]) -> None:
+    """Refuse GGUFs that are damaged (structure check) or differ from what the export stage verified."""
+    from .export import verify_gguf_file
+
+    exported = {}
+    e = run.entry("export")
+    if e:
+        gdir = run.root / "gguf"
+        exported = {str((gdir / rel).resolve()): sha for rel, sha in e.get("outputs", {}).items()}
+    for digest, path in local.items():
+        if not str(path).endswith(".gguf"):
+            continue
+        verify_gguf_file(path, load=False)
+        want = exported.get(str(Path(path).resolve()))
+        if want and digest.split(":", 1)[-1] != want:
+            raise UserError(f"{path} changed since the export stage verified it (sha256 {digest[7:19]}… "
+                            f"vs {want[:12]}…)",
+                            hint=f"re-export it: `ollama-ft export {run.root} --force`")
+
+
 def _gate_check(run, gate_force: bool) -> None:
     e = run.entry("eval")
     gate = ((e or {}).get("info") or {}).get("gate") if e else None
@@ -201,6 +221,7 @@ def register_run(cfg, run, host: str, gate_force: bool = False) -> dict[str, Any
         raise UserError(f"the Modelfile {modelfile_path} is missing",
                         hint=f"run `ollama-ft modelfile {run.root} --force` to write it again")
     req, local = load_create_request(modelfile_path)
+    _check_gguf_blobs(run, local)  # a truncated or corrupted GGUF is never registered
     override = _gguf_template_override_risk(req, local)
 
     http = httpx.Client(base_url=host, timeout=httpx.Timeout(30.0, read=600.0, write=600.0))

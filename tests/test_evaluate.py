@@ -267,7 +267,8 @@ def _cfg(quant: str = "F16", **eval_kw):
 
 
 def test_build_report_end_to_end(tmp_path, tiny_llama, tiny_gguf):
-    """Base: the F16 GGUF; tuned: its Q8_0 quantization (different numbers, same model underneath)."""
+    """Base recorded as an F16 GGUF, tuned at Q8_0: the base is re-converted at Q8_0 so that the comparison
+    holds the quantization fixed (same weights underneath, so no difference may show)."""
     from ollama_ft.evaluate import build_report
 
     run = _fake_run(tmp_path / "run", tiny_llama, tiny_gguf, tiny_gguf, merged_dir=tiny_llama, quants=("Q8_0",))
@@ -291,8 +292,10 @@ def test_build_report_end_to_end(tmp_path, tiny_llama, tiny_gguf):
         assert m[side]["engine"]["prompt_source"] == {"data tokens": 4}
     assert set(m["comparisons"]) >= {"nll", "rouge_l", "bleu", "chrf", "exact", "contains", "hit_limit"}
     assert m["primary_metric"] == "nll"
-    # Q8_0 rounding moves every answer's NLL a little
-    assert m["comparisons"]["nll"]["test"]["mean_diff"] != 0
+    # like with like: the F16 base source is not used against a Q8_0 tuned model
+    assert "converted to GGUF Q8_0" in m["base"]["model"]
+    assert (tmp_path / "run" / "cache" / "base-Q8_0.gguf").is_file()
+    assert m["comparisons"]["nll"]["test"]["mean_diff"] == pytest.approx(0.0, abs=1e-9)
     stages = {d["stage"]: d for d in m["drift"]}
     assert list(stages)[:4] == ["adapter (PEFT, training eval)", "merged (HF)", "GGUF F16", "GGUF Q8_0"]
     assert stages["adapter (PEFT, training eval)"]["perplexity"] == pytest.approx(math.exp(2.7))
