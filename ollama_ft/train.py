@@ -487,7 +487,8 @@ def train_process(cfg: RunConfig, base_dir: Path, data_dir: Path, out: Path, che
             trainer.model.save_pretrained(str(out))
             chosen = {"step": trainer.state.global_step, "eval_loss": None}
         records = read_metrics(metrics_path)
-        shutil.copy2(metrics_path, out / "metrics.jsonl") if metrics_path.is_file() else None
+        if metrics_path.is_file():
+            shutil.copy2(metrics_path, out / "metrics.jsonl")
         plot_loss_curve(records, out / "loss_curve.png")
         train_recs = [r for r in records if r.get("type") == "train"]
         mem = memory_now()

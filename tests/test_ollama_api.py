@@ -534,3 +534,24 @@ def test_register_against_a_real_ollama(tiny_gguf, tmp_path):
             client.delete(name)
         except ollama.ResponseError:
             pass
+
+
+def test_register_refuses_a_truncated_gguf_before_any_upload(fake_ollama, tiny_gguf, tmp_path):
+    cfg, run, _ = _make_run(tmp_path, tiny_gguf)
+    path = run.root / "gguf" / "tinyrun-F16.gguf"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError) as ei:
+        ollama_api.register_run(cfg, run, host=fake_ollama.url)
+    assert "tinyrun-F16.gguf" in ei.value.message
+    assert fake_ollama.blob_bytes_received() == 0
+    assert not fake_ollama.calls("POST", "/api/create")
+
+
+def test_register_refuses_a_gguf_changed_since_export(fake_ollama, tiny_gguf, tmp_path):
+    cfg, run, _ = _make_run(tmp_path, tiny_gguf)
+    run.record("export", {"summary": "test"})
+    run.update_manifest(lambda m: m["stages"]["export"].__setitem__("outputs", {"tinyrun-F16.gguf": "0" * 64}))
+    with pytest.raises(UserError, match="changed since the export stage verified it"):
+        ollama_api.register_run(cfg, run, host=fake_ollama.url)
+    assert fake_ollama.blob_bytes_received() == 0
