@@ -115,7 +115,7 @@ class OllamaSettings(_Section):
     host: str | None = Field(None, description="Default: $OLLAMA_HOST or http://127.0.0.1:11434")
     system: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
-    quant: str = Field("Q4_K_M", description="Which exported GGUF to register")
+    quant: str | None = Field(None, description="Which exported GGUF to register (default: the first of export.quants)")
 
 
 class PublishSettings(_Section):
@@ -155,6 +155,8 @@ class RunConfig(_Section):
         # Guides write `training.dropout_rate`; it is the LoRA dropout.
         if self.training.dropout_rate is not None:
             self.lora.dropout = self.training.dropout_rate
+        if self.ollama.quant is None:
+            self.ollama.quant = self.export.quants[0] if self.export.quants else "F16"
         return self
 
     # -- derived values used by several stages --------------------------------------------

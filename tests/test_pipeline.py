@@ -23,7 +23,7 @@ def _config(tmp_path: Path, base: Path, host: str, **extra) -> Path:
         "name": "tiny-e2e",
         "runs_dir": str(tmp_path / "runs"),
         "model": {"base": str(base), "adapter": "qlora"},
-        "data": {"path": str(data), "max_length": 160},
+        "data": {"path": str(data), "max_length": 256},
         "lora": {"r": 8, "alpha": 16},
         "training": {"batch_size": 4, "max_steps": 4, "eval_steps": 2, "save_steps": 2, "learning_rate": 1e-3},
         "export": {"quants": ["Q8_0"]},
