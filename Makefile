@@ -12,8 +12,9 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 # CPU torch by default; a GPU user installs a CUDA torch into .venv first (README) and this is skipped.
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/demo.yaml
+# Registry for `make publish`: HOST:PORT/namespace (a run config's publish.registry is used when empty).
 REGISTRY ?= 127.0.0.1:5000/library
-NAME ?= ollama-ft-demo
+NAME ?= demo
 TEST_ARGS ?=
 
 .PHONY: system-deps install test test-fast lint demo bench publish doctor clean help
@@ -70,7 +71,7 @@ bench: $(STAMP)
 	$(PY) bench/run_all.py
 
 publish: $(STAMP)
-	$(VENV)/bin/ollama-ft publish $(NAME) --registry $(REGISTRY)
+	$(VENV)/bin/ollama-ft publish $(NAME) $(if $(REGISTRY),--registry $(REGISTRY))
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

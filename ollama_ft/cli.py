@@ -252,7 +252,8 @@ def eval_(
 @app.command()
 def publish(
     name: Annotated[str, typer.Argument(help="Ollama model name or run name, e.g. my-medical-model")],
-    registry: Annotated[str, typer.Option(help="HOST:PORT\\[/namespace], e.g. 127.0.0.1:5000/team")],
+    registry: Annotated[str | None, typer.Option(help="HOST:PORT\\[/namespace], e.g. 127.0.0.1:5000/team "
+                                                 "(default: publish.registry of the run's config, then $OLLAMA_FT_REGISTRY)")] = None,
     tag: Annotated[str | None, typer.Option(help="Tag to push (default: latest)")] = None,
     insecure: Annotated[bool, typer.Option(help="Allow plain HTTP to a non-loopback registry")] = False,
     store: Annotated[Path | None, typer.Option(help="Read the model from this Ollama store (default: run artifacts, then ~/.ollama/models)")] = None,
@@ -265,8 +266,27 @@ def publish(
     """
     from .registry import publish_command
 
+    registry, tag, insecure = _publish_defaults(name, registry, tag, insecure)
     publish_command(name, registry=registry, tag=tag, insecure=insecure, store=store,
                     chunk_size=max(1, int(chunk_mb * (1 << 20))))
+
+
+def _publish_defaults(name: str, registry: str | None, tag: str | None, insecure: bool) -> tuple[str, str | None, bool]:
+    """--registry/--tag/--insecure, else the run config's `publish` section, else $OLLAMA_FT_REGISTRY."""
+    run_yaml = Path(name) / "run.yaml" if Path(name).is_dir() else Path("runs") / name / "run.yaml"
+    if run_yaml.is_file() and (registry is None or tag is None):
+        from .config import load_config
+
+        pub = load_config(run_yaml).config.publish
+        registry = registry or pub.registry
+        tag = tag or pub.tag
+        insecure = insecure or pub.insecure
+    registry = registry or os.environ.get("OLLAMA_FT_REGISTRY")
+    if not registry:
+        raise UserError("no registry given for publish",
+                        hint="pass --registry HOST:PORT/namespace, set publish.registry in the config, "
+                             "or export OLLAMA_FT_REGISTRY (make publish REGISTRY=...)")
+    return registry, tag, insecure
 
 
 @app.command()
