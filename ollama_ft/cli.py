@@ -336,7 +336,18 @@ def doctor(
 # ------------------------------------------------------------------------------------------
 
 
+def _quiet_libraries() -> None:
+    """Library chatter that is noise for our users: per-file tqdm bars in logs (not on a terminal), and
+    bitsandbytes' note about an optional Hub kernel package it cannot fetch offline anyway."""
+    import logging
+
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def main() -> None:
+    _quiet_libraries()
     try:
         app(standalone_mode=False)
     except UserError as e:

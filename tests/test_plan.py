@@ -132,7 +132,10 @@ def _measure_cpu_peak(base: Path, data: Path, tmp: Path, steps: int, extra: str 
         cfg = tiny_cfg(max_steps={steps}, eval_steps=1000, save_steps=1000, batch_size=4, micro_batch_size=4)
         {extra}
         train_process(cfg, {str(base)!r}, {str(data)!r}, {str(tmp / 'a')!r}, {str(tmp / 'c')!r}, False, show=False)
-        print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        # VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child forked from a big pytest process
+        # would report the parent's size; the new address space's high-water mark is the child's own.
+        hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")]
+        print("PEAK", int(hwm[0].split()[1]) * 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     """)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
