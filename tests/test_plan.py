@@ -209,3 +209,14 @@ def test_cuda_peak_r1_qwen_7b_dims(tmp_path):
     print(f"R1-7B dims seq 2048: measured {measured / GB:.2f} GB, predicted {predicted / GB:.2f} GB")
     assert measured <= 12 * GB
     assert predicted == pytest.approx(measured, rel=0.15)
+
+
+@pytest.mark.parametrize("name", ["deepseek-r1-7b", "deepseek-llm-7b", "qwen2.5-7b", "llama3.1-8b", "mistral-7b",
+                                  "my-medical-model"])
+def test_every_16gb_config_fits_16gb(name, tmp_path, capsys):
+    """The ready GPU configs in configs/ are shown by `plan --budget 16GB` to fit (training memory)."""
+    from ollama_ft.plan import plan_command
+
+    plan_command(ROOT / "configs" / f"{name}.yaml", budget="16GB", overrides=[f"runs_dir={tmp_path}"], ram="64GB")
+    out = capsys.readouterr().out
+    assert "GO" in out and "NO-GO" not in out, out[-2000:]
