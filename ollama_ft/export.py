@@ -137,14 +137,26 @@ def _run_worker(script: str, args: list[str], what: str, timeout: float = 3600,
 
     import threading
 
+    out_parts: list[str] = []
+
+    def _drain_out() -> None:
+        assert proc.stdout is not None
+        out_parts.append(proc.stdout.read())
+
+    # One reader per pipe, each in its own thread. (communicate() would also read stderr, racing the
+    # drain thread: it can block in read() on an emptied stderr while the worker blocks on a full stdout.)
     t = threading.Thread(target=_drain_err, daemon=True)
+    t_out = threading.Thread(target=_drain_out, daemon=True)
     t.start()
+    t_out.start()
     try:
-        stdout, _ = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         raise UserError(f"llama.cpp took longer than {timeout:.0f} s on {what}") from None
+    t_out.join(30)
     t.join(5)
+    stdout = "".join(out_parts)
     result = None
     for line in stdout.splitlines():
         if line.startswith(RESULT_TAG):
