@@ -27,10 +27,3 @@ class UserError(Exception):
             parts.append(f"hint: {self.hint}")
         return "\n".join(parts)
 
-
-class NotBuiltYet(UserError):
-    """A command whose stage is not implemented in this version. Never pretend."""
-
-    def __init__(self, what: str):
-        super().__init__(f"`{what}` is not available in this version of ollama-ft.",
-                         hint="see README.md, 'Status of commands'.")
