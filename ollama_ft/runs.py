@@ -99,6 +99,18 @@ def sha256_tree(root: Path) -> dict[str, str]:
     return out
 
 
+def replace_dir(src: Path, final: Path) -> None:
+    """Put the finished directory `src` at `final`, replacing what was there with two renames
+    (the old copy is moved aside first, then deleted), so `final` is never half-written."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(src, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def digest_of(mapping: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(mapping, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -229,13 +241,7 @@ class Run:
             info = build(tmp) or {}
             outputs = sha256_tree(tmp)
             if final is not None:
-                old = None
-                if final.exists():
-                    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-                    os.replace(final, old)
-                os.replace(tmp, final)
-                if old is not None:
-                    shutil.rmtree(old, ignore_errors=True)
+                replace_dir(tmp, final)
             else:
                 shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:

@@ -1024,17 +1024,11 @@ def pull_command(spec: str, out: Path | None = None, revision: str | None = None
         raise UserError(f"{target} exists and is not a directory written by `ollama-ft pull`",
                         hint="choose another --out, or empty that directory")
     cfg = RunConfig(model=ModelSettings(base=spec, revision=revision, trust_remote_code=trust_remote_code))
-    from .runs import temp_dir_beside
+    from .runs import replace_dir, temp_dir_beside
 
     with temp_dir_beside(target) as tmp:
         meta = build_base(cfg, tmp)
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, target)
     ui.success(f"pulled {spec} -> {target}")
     ui.info(f"  [dim]{meta['summary']}[/]")
     ui.out.print(f"use it as a base: set `model.base: {target}` in your config (or --set model.base={target})")
