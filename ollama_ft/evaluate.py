@@ -174,7 +174,7 @@ def base_gguf(cfg: RunConfig, run: Run) -> tuple[Path, str]:
     f16 = cache / f"base-{outtype.upper()}.gguf"
     if not f16.is_file():
         ui.info(f"converting the base model to GGUF {outtype.upper()} for comparison (cached in {cache})")
-        converter.convert_to_gguf(base_dir, f16, outtype)
+        converter.convert_to_gguf(base_dir, f16, outtype, pre_tokenizer=cfg.export.pre_tokenizer)
     if quant.upper() in ("F16", "BF16") and quant.upper() == outtype.upper():
         return f16, f"base/ converted to GGUF {outtype.upper()} (cached)"
     _quantize(f16, out, quant)

@@ -554,7 +554,7 @@ def build_gguf(cfg, run, merged_dir: Path, out: Path) -> dict[str, Any]:
     if ecfg.adapter_gguf:
         adapter_info = export_adapter(cfg, run, merged_dir, out, src, data_dir, verify=ecfg.verify)
 
-    report = {"files": results, "timings": timings, "converter": {k: conv[k] for k in ("phases", "architecture", "tokenizer")},
+    report = {"files": results, "timings": timings, "converter": {k: conv[k] for k in ("phases", "architecture", "tokenizer", "lowmem")},
               "ppl_tolerance": PPL_TOLERANCE, "adapter": adapter_info}
     atomic_write_text(out / "verify.json", json.dumps(report, indent=2) + "\n")
     _print_table(results)
@@ -603,7 +603,7 @@ def export_adapter(cfg, run, merged_dir: Path, out: Path, merged_gguf: Path, dat
         info["note"] = "merged into the dequantized base; base+adapter is compared against it loosely"
     scratch = out / f".base-{os.getpid()}-F16.gguf"
     try:
-        convert_to_gguf(base_dir, scratch, outtype="f16")
+        convert_to_gguf(base_dir, scratch, outtype="f16", pre_tokenizer=cfg.export.pre_tokenizer)
         texts, seqs, prompt_ids = _validation(merged_dir, data_dir)
         with ui.status("export: base GGUF + adapter GGUF vs merged GGUF in llama.cpp"):
             with_lora = eval_gguf(scratch, texts[:1], seqs, prompt_ids, lora_path=dst)
@@ -632,7 +632,8 @@ def export_adapter(cfg, run, merged_dir: Path, out: Path, merged_gguf: Path, dat
 def _convert_with_lineage(cfg, run, merged_dir: Path, dst: Path) -> dict[str, Any]:
     from .converter import convert_to_gguf
 
-    return convert_to_gguf(merged_dir, dst, outtype=cfg.export.outtype, metadata=lineage_metadata(cfg, run))
+    return convert_to_gguf(merged_dir, dst, outtype=cfg.export.outtype, metadata=lineage_metadata(cfg, run),
+                           pre_tokenizer=cfg.export.pre_tokenizer)
 
 
 def verify_outputs(files: dict[str, Path], merged_dir: Path, data_dir: Path | None, template: str | None,
@@ -677,7 +678,8 @@ def verify_outputs(files: dict[str, Path], merged_dir: Path, data_dir: Path | No
                 f"{p.name}: llama.cpp tokenizes {len(mismatches)} of {len(texts)} validation texts differently "
                 "from the HF tokenizer",
                 hint="the served model would see other tokens than in training; use a base whose tokenizer llama.cpp "
-                     "knows or update the converter package (or set export.tokenizer_parity=warn to accept it)",
+                     "knows, update the converter package, or correct export.pre_tokenizer if you set it "
+                     "(export.tokenizer_parity=warn accepts the difference)",
                 details=[f"text: {texts[i][:80]!r}", f"HF:        {list(ref['ids'][i])[:24]}",
                          f"llama.cpp: {ev['tokens'][i][:24]}"])
             r["tokenizer_mismatches"] = len(mismatches)

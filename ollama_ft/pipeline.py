@@ -52,8 +52,12 @@ def _build(stage: str, run: Run, cfg: RunConfig, *, resume: bool = True, gate_fo
     if stage == "train":
         from .train import build_adapter
 
-        return lambda out: build_adapter(cfg, run.require("pull"), run.require("data"), out,
-                                         checkpoints_dir=run.root / "checkpoints", resume=resume)
+        def train(out):
+            check_exportable(cfg, run.require("pull"))
+            return build_adapter(cfg, run.require("pull"), run.require("data"), out,
+                                 checkpoints_dir=run.root / "checkpoints", resume=resume)
+
+        return train
     if stage == "merge":
         from .merge import build_merged
 
@@ -71,6 +75,18 @@ def _build(stage: str, run: Run, cfg: RunConfig, *, resume: bool = True, gate_fo
 
         return lambda out: build_report(cfg, run, out)
     raise ValueError(stage)
+
+
+def check_exportable(cfg: RunConfig, base_dir: Path) -> dict[str, Any]:
+    """Before hours of training: will llama.cpp's converter take this architecture and tokenizer?"""
+    from .converter import preflight
+
+    res = preflight(base_dir, pre_tokenizer=cfg.export.pre_tokenizer)
+    tok = res.get("tokenizer") or {}
+    pre = f", pre-tokenizer {tok['pre']} ({tok.get('pre_source', 'converter')})" if tok.get("pre") else ""
+    ui.info(f"GGUF pre-flight: llama.cpp's converter supports {res.get('architecture')} "
+            f"with its {tok.get('kind', 'unknown')} tokenizer{pre}")
+    return res
 
 
 def _stage_range(until: str | None, from_stage: str | None) -> tuple[int, int]:

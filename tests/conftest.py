@@ -55,10 +55,11 @@ def tiny_llama(tmp_path_factory, tiny_tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen2(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+def tiny_qwen2(tmp_path_factory) -> Path:
+    """Tiny qwen2 with a Qwen2-style byte-level BPE tokenizer (export needs export.pre_tokenizer=qwen2)."""
     from tests.tiny_models import build_model
 
-    return build_model(tmp_path_factory.mktemp("tiny_qwen2"), "qwen2", seed=1, tokenizer_dir=tiny_tokenizer_dir)
+    return build_model(tmp_path_factory.mktemp("tiny_qwen2"), "qwen2", seed=1)
 
 
 @pytest.fixture(params=["llama", "qwen2"])

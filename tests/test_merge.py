@@ -141,7 +141,9 @@ def test_build_merged_bf16_proof_and_side_files(tiny_model, tmp_path):
     # the adapter changed the logits far more than the merge differs from peft
     assert check["adapter_effect_max_abs"] > 10 * check["max_abs_diff"]
     assert (out / "chat_template.jinja").read_text() == "{{ 'TRAINING TEMPLATE' }}"
-    assert (out / "tokenizer.model").is_file() and (out / "config.json").is_file()
+    # the tokenizer files travel with the model (SentencePiece for llama, tokenizer.json only for qwen2)
+    tok_files = {"tokenizer.json", "tokenizer_config.json"} | ({"tokenizer.model"} if (base / "tokenizer.model").exists() else set())
+    assert all((out / f).is_file() for f in tok_files) and (out / "config.json").is_file()
     assert info["peak_rss_bytes_streaming"] > 0
 
 

@@ -76,13 +76,28 @@ def test_pipeline_without_ollama_stops_after_modelfile(tmp_path, tiny_qwen2, cap
     from ollama_ft.pipeline import run_pipeline
 
     monkeypatch.chdir(tmp_path)
-    # The tiny qwen2's HF tokenizer is always loaded as Qwen2Tokenizer (byte-level) by transformers 5, while
-    # llama.cpp uses its SentencePiece vocabulary: token ids differ, which export reports (warn, not stop).
+    # The tiny qwen2's byte-level vocabulary is new to llama.cpp: its pre-tokenizer is named in the config.
     cfg = _config(tmp_path, tiny_qwen2, "http://127.0.0.1:9",
-                  export={"quants": ["Q8_0"], "tokenizer_parity": "warn"})
+                  export={"quants": ["Q8_0"], "pre_tokenizer": "qwen2"})
     run = run_pipeline(cfg, [], until="register")
     st = {r["stage"]: r["state"] for r in run.status()}
     assert st["modelfile"] == "done" and st["register"] == "pending"
     out = capsys.readouterr()
     assert "ollama create tiny-e2e -f" in out.out + out.err
     assert Run(run.root).entry("register") is None
+
+
+def test_unexportable_tokenizer_stops_before_training(tmp_path, tiny_qwen2, monkeypatch):
+    """A tokenizer llama.cpp's converter cannot take is found before training starts, not after it."""
+    from ollama_ft.errors import UserError
+    from ollama_ft.pipeline import run_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _config(tmp_path, tiny_qwen2, "http://127.0.0.1:9")
+    with pytest.raises(UserError, match="does not recognise the BPE pre-tokenizer") as e:
+        run_pipeline(cfg, [])
+    assert "export.pre_tokenizer" in e.value.hint
+    run = Run(tmp_path / "runs" / "tiny-e2e")
+    st = {r["stage"]: r["state"] for r in run.status()}
+    assert st["data"] == "done" and st["train"] != "done"
+    assert not (run.root / "checkpoints").exists() or not any((run.root / "checkpoints").iterdir())

@@ -1,8 +1,12 @@
-"""Tiny random models built in-process (no hub): llama and qwen2 with a SentencePiece tokenizer.
+"""Tiny random models built in-process (no hub), each with the kind of tokenizer its family really has.
 
-The tokenizer is trained here (BPE, byte fallback) and saved as `tokenizer.model`, which llama.cpp's
-converter reads through its SentencePiece path, so HF and llama.cpp token ids agree. ChatML markers
-are user-defined symbols so chat templates render to real single tokens.
+llama: a SentencePiece BPE tokenizer (byte fallback) trained here and saved as `tokenizer.model`, which
+llama.cpp's converter reads through its SentencePiece path.
+qwen2: a byte-level BPE tokenizer (tokenizer.json only) with Qwen2's pre-tokenizer split and NFC, as real
+Qwen2/DeepSeek-R1-distill models ship. transformers always loads qwen2 tokenizers as Qwen2Tokenizer, which
+imposes exactly that pre-tokenization. Its vocabulary is new, so llama.cpp's converter cannot recognise it
+by hash: exporting it needs `export.pre_tokenizer: qwen2`, which tokenizer parity then proves.
+In both, ChatML markers are single special tokens.
 """
 
 from __future__ import annotations
@@ -84,6 +88,43 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 512):
     return tok
 
 
+# Qwen2's pre-tokenizer split (its tokenizer.json; llama.cpp's "qwen2" pre-tokenizer uses the same).
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def build_bytelevel_tokenizer(out_dir: Path, vocab_size: int = 600):
+    """Train a Qwen2-style byte-level BPE tokenizer and save it (tokenizer.json, no tokenizer.model)."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tk = Tokenizer(models.BPE())
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False)
+    # Hyphenated and bracketed words make Qwen2's "punctuation joins the next word" rule visible in the
+    # merges (a wrong pre-tokenizer then tokenizes them differently).
+    extra = ["follow-up x-ray check-in (urgent) (routine) re-check"] * 200
+    tk.train_from_iterator(_corpus().splitlines() + extra, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = CHATML_TEMPLATE
+    tok.save_pretrained(str(out_dir))
+    conf_path = out_dir / "tokenizer_config.json"
+    conf = json.loads(conf_path.read_text())
+    conf["tokenizer_class"] = "Qwen2Tokenizer"
+    conf_path.write_text(json.dumps(conf, indent=2, ensure_ascii=False))
+    (out_dir / "chat_template.jinja").write_text(CHATML_TEMPLATE)
+    return tok
+
+
 def build_model(out_dir: Path, arch: str = "llama", seed: int = 0, tokenizer_dir: Path | None = None,
                 dtype: str = "float32"):
     """Save a tiny random causal LM of the given architecture (llama | qwen2) with its tokenizer."""
@@ -91,7 +132,8 @@ def build_model(out_dir: Path, arch: str = "llama", seed: int = 0, tokenizer_dir
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     out_dir = Path(out_dir)
-    tok = build_tokenizer(tokenizer_dir or out_dir) if tokenizer_dir is None else None
+    if tokenizer_dir is None:
+        tok = (build_bytelevel_tokenizer if arch == "qwen2" else build_tokenizer)(out_dir)
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
 
