@@ -170,6 +170,9 @@ def export(
     run: RunArg,
     quant: Annotated[list[str] | None, typer.Option(help="Q4_K_M (default), Q5_K_M, Q6_K, Q8_0, F16; repeatable")] = None,
     adapter: Annotated[bool, typer.Option(help="Also export the LoRA as a GGUF adapter")] = False,
+    pre_tokenizer: Annotated[str | None, typer.Option(
+        help="llama.cpp pre-tokenizer (qwen2, llama-bpe, gpt-2, ...) for a vocabulary the converter does not "
+             "recognise; checked by token parity")] = None,
     force: Annotated[bool, typer.Option(help="Redo even if done")] = False,
 ) -> None:
     """Convert the merged model to GGUF with llama.cpp's converter, quantize, verify every file."""
@@ -180,6 +183,8 @@ def export(
         overrides.append("export.quants=[" + ",".join(quant) + "]")
     if adapter:
         overrides.append("export.adapter_gguf=true")
+    if pre_tokenizer:
+        overrides.append(f"export.pre_tokenizer={pre_tokenizer}")
     run_single_stage(run, "export", force=force, overrides=overrides)
 
 
