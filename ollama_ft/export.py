@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -477,12 +478,23 @@ def _validation(merged_dir: Path, data_dir: Path | None) -> tuple[list[str], lis
 
 def hf_reference(merged_dir: Path, texts: list[str], seqs: list[list[int]]) -> dict[str, Any]:
     """HF tokenizer ids for the texts, and the merged HF model's teacher-forced NLL on seqs."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from .hf_loading import load_float32
 
     tok = AutoTokenizer.from_pretrained(str(merged_dir))
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+    offload_dir = Path(merged_dir).parent / f".offload-ref-{os.getpid()}"
+    try:
+        model, offloaded = load_float32(Path(merged_dir), offload_dir)
+        return {"ids": ids, **_teacher_forced_nll(model, seqs), "disk_offloaded": offloaded}
+    finally:
+        shutil.rmtree(offload_dir, ignore_errors=True)
+
+
+def _teacher_forced_nll(model, seqs: list[list[int]]) -> dict[str, Any]:
+    import torch
+
     nll, n = 0.0, 0
     first = None
     with torch.no_grad():
@@ -493,8 +505,7 @@ def hf_reference(merged_dir: Path, texts: list[str], seqs: list[list[int]]) -> d
             lp = torch.log_softmax(logits[:-1], dim=-1)
             nll += float(-lp[torch.arange(len(s) - 1), torch.tensor(s[1:])].sum())
             n += len(s) - 1
-    del model
-    return {"ids": ids, "nll": nll, "n": n, "first_logits": first}
+    return {"nll": nll, "n": n, "first_logits": first}
 
 
 def eval_gguf(path: Path, texts: list[str], seqs: list[list[int]], prompt_ids: list[int], n_gen: int = 24,
@@ -671,7 +682,8 @@ def verify_outputs(files: dict[str, Path], merged_dir: Path, data_dir: Path | No
         r = results[q]
         r.update({"tokenizer_parity": not mismatches, "texts_checked": len(texts),
                   "tokens_scored": ev["n"], "ppl": ppl, "reference_ppl": ref_ppl,
-                  "ppl_vs_reference": ppl / ref_ppl - 1, "generation": ev["gen_text"], "load_s": ev["load_s"]})
+                  "ppl_vs_reference": ppl / ref_ppl - 1, "generation": ev["gen_text"], "load_s": ev["load_s"],
+                  "reference_disk_offloaded": ref["disk_offloaded"]})
         if mismatches:
             i = mismatches[0]
             err = UserError(

@@ -16,6 +16,7 @@ sequences must agree within a tolerance that depends on the stored dtype; otherw
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import threading
@@ -352,35 +353,40 @@ def _logits(model, seqs: list[list[int]]):
     return outs
 
 
-def _load(path: Path, trust_remote_code: bool = False):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
-                                                trust_remote_code=trust_remote_code).eval()
-
-
 def logits_check(base_dir: Path, adapter_dir: Path, merged_dir: Path, seqs: list[list[int]],
-                 merge_base: str = "full", trust_remote_code: bool = False) -> dict[str, Any]:
-    """Compare logits of PEFT base+adapter (unmerged) with the merged model, one model in RAM at a time."""
-    import torch
-    from peft import PeftModel
+                 merge_base: str = "full", trust_remote_code: bool = False,
+                 offload_dir: Path | None = None) -> dict[str, Any]:
+    """Compare logits of PEFT base+adapter (unmerged) with the merged model, one model in RAM at a time.
 
-    base = _load(base_dir, trust_remote_code)
-    if merge_base == "dequantized":
-        with torch.no_grad():
-            for name, p in base.named_parameters():
-                if _is_quantized_linear(name, p):
-                    p.copy_(_nf4_roundtrip(p.data))
-    ref_model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    ref = _logits(ref_model, seqs)
-    base_only = None
-    with ref_model.disable_adapter():
-        base_only = _logits(ref_model, seqs)
-    del ref_model, base
-    merged = _load(merged_dir, trust_remote_code)
-    got = _logits(merged, seqs)
-    del merged
+    Models whose float32 weights exceed the RAM budget run disk-offloaded (hf_loading.py).
+    """
+    import torch
+
+    from .hf_loading import adapter_disabled, attach_adapter, load_float32
+
+    offload_dir = Path(offload_dir or Path(merged_dir).parent / f".offload-{os.getpid()}")
+    try:
+        base, offloaded = load_float32(base_dir, offload_dir / "base", trust_remote_code)
+        if merge_base == "dequantized":
+            if offloaded:
+                raise UserError("the logits proof of a merge into the dequantized base needs the float32 base "
+                                "in RAM, and it does not fit the RAM budget",
+                                hint="use model.merge_base: full (the default), or run the merge on a machine "
+                                     "with more RAM (OLLAMA_FT_PROOF_RAM_BYTES sets the budget)")
+            with torch.no_grad():
+                for name, p in base.named_parameters():
+                    if _is_quantized_linear(name, p):
+                        p.copy_(_nf4_roundtrip(p.data))
+        ref_model = attach_adapter(base, adapter_dir, offloaded)
+        ref = _logits(ref_model, seqs)
+        with adapter_disabled(ref_model):
+            base_only = _logits(ref_model, seqs)
+        del ref_model, base
+        merged, merged_offloaded = load_float32(merged_dir, offload_dir / "merged", trust_remote_code)
+        got = _logits(merged, seqs)
+        del merged
+    finally:
+        shutil.rmtree(offload_dir, ignore_errors=True)
     max_abs = max(float((a - b).abs().max()) for a, b in zip(ref, got, strict=True))
     scale = max(float(a.abs().max()) for a in ref)
     adapter_effect = max(float((a - b).abs().max()) for a, b in zip(ref, base_only, strict=True))
@@ -394,6 +400,7 @@ def logits_check(base_dir: Path, adapter_dir: Path, merged_dir: Path, seqs: list
         "relative_diff": max_abs / max(scale, 1e-12),
         "adapter_effect_max_abs": adapter_effect,
         "argmax_agreement": agree / max(total, 1),
+        "disk_offloaded": bool(offloaded or merged_offloaded),
     }
 
 

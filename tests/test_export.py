@@ -319,3 +319,16 @@ def test_low_memory_conversion_writes_identical_bytes(arch, outtype, tiny_llama,
     fields = GGUFReader(str(tmp_path / "blocks.gguf")).fields
     names = [str(fields[k].contents()) for k in ("general.name", "general.finetune") if k in fields]
     assert names and not any(".view" in n or ".gguf" in n for n in names)
+
+
+def test_perplexity_reference_offloads_to_disk_beyond_the_ram_budget(tiny_llama, monkeypatch):
+    from ollama_ft.export import hf_reference
+    from ollama_ft.hf_loading import float32_bytes
+
+    texts, seqs = ["the clinic opens at eight"], [[5, 9, 33, 200, 7, 8, 40, 41], [3, 4, 5, 6]]
+    in_ram = hf_reference(tiny_llama, texts, seqs)
+    monkeypatch.setenv("OLLAMA_FT_PROOF_RAM_BYTES", str(float32_bytes(tiny_llama) // 4))
+    offloaded = hf_reference(tiny_llama, texts, seqs)
+    assert not in_ram["disk_offloaded"] and offloaded["disk_offloaded"]
+    assert offloaded["nll"] == pytest.approx(in_ram["nll"], rel=1e-9) and offloaded["n"] == in_ram["n"] == 10
+    assert offloaded["ids"] == in_ram["ids"]
