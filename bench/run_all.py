@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["data_prepare.py", "train_throughput.py", "export.py", "demo_time.py"]
+BENCHES = ["data_prepare.py", "train_throughput.py", "export.py", "merge_proof.py", "demo_time.py"]
 
 
 def main() -> int:
