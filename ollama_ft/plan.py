@@ -402,6 +402,8 @@ def plan_command(config: Path, budget: str = "16GB", overrides: list[str] | None
         *[[f"disk: {k}", f"{v / GB:.2f}"] for k, v in b.disk.items()],
         ["disk total (one run)", f"{b.disk_total / GB:.2f}"],
     ])
+    for note in b.notes:
+        ui.out.print(f"[dim]note: {note}[/]")
     go = b.train_total <= budget_b
     verdict = "[green]GO[/]" if go else "[red]NO-GO[/]"
     ui.out.print(f"{verdict}: training needs {b.train_total / GB:.1f} GB of a {budget_b / GB:.1f} GB budget "
