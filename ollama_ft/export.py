@@ -33,6 +33,7 @@ QUANT_FTYPES = {"Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q5_K_M": "LLAMA_FTYPE_MO
 PPL_TOLERANCE = 0.01  # F16 GGUF perplexity within 1% of the merged HF model's
 PPL_MAX_TOKENS = 256  # per sequence; keeps llama.cpp's logits buffer (n_ctx x vocab floats) small
 PPL_MAX_SEQS = 32
+QUANT_LOSS_WARN = 0.25  # answer perplexity this much above F16's: say the quantization costs the fine-tune
 RESULT_TAG = "OLLAMA_FT_RESULT "
 
 # ------------------------------------------------------------------------------------------
@@ -88,9 +89,10 @@ llm = llama_cpp.Llama(job["path"], n_ctx=job["n_ctx"], n_batch=job["n_ctx"], n_u
                       logits_all=True, verbose=False, n_threads=job.get("n_threads"), seed=0, **kw)
 res = {"load_s": time.perf_counter() - t0}
 res["tokens"] = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=True) for t in job["texts"]]
-nll, n = 0.0, 0
+nll, n, ans_nll, ans_n = 0.0, 0, 0.0, 0
 first_logits = None
-for ids in job["seqs"]:
+masks = job.get("masks")
+for i, ids in enumerate(job["seqs"]):
     llm.reset()
     llm.eval(ids)
     sc = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
@@ -102,9 +104,14 @@ for ids in job["seqs"]:
     m = sc.max(axis=1, keepdims=True)
     lse = (m[:, 0] + np.log(np.exp(sc - m).sum(axis=1)))
     tgt = np.asarray(ids[1:])
-    nll += float((lse[:-1] - sc[np.arange(len(ids) - 1), tgt]).sum())
+    losses = lse[:-1] - sc[np.arange(len(ids) - 1), tgt]
+    nll += float(losses.sum())
     n += len(ids) - 1
-res["nll"], res["n"] = nll, n
+    if masks is not None:
+        m = np.asarray(masks[i], dtype=bool)
+        ans_nll += float(losses[m].sum())
+        ans_n += int(m.sum())
+res["nll"], res["n"], res["answer_nll"], res["answer_n"] = nll, n, ans_nll, ans_n
 res["first_logits"] = first_logits
 llm.reset()
 prompt = job["prompt_ids"]
@@ -425,8 +432,12 @@ def lineage_metadata(cfg, run) -> dict[str, Any]:
 # Verification against the merged HF model
 
 
-def _validation(merged_dir: Path, data_dir: Path | None) -> tuple[list[str], list[list[int]], list[int]]:
-    """(texts for tokenizer parity, token-id sequences for perplexity, prompt ids for generation)."""
+def _validation(merged_dir: Path, data_dir: Path | None
+                ) -> tuple[list[str], list[list[int]], list[int], list[list[int]] | None]:
+    """(texts for tokenizer parity, token-id sequences for perplexity, prompt ids for generation, answer masks).
+
+    masks[i][t] = 1 where token t+1 of seqs[i] is a trained (answer) token; None without the data stage.
+    """
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(merged_dir))
@@ -459,25 +470,34 @@ def _validation(merged_dir: Path, data_dir: Path | None) -> tuple[list[str], lis
             except Exception:
                 pass
     seqs: list[list[int]] = []
+    masks: list[list[int]] | None = None
     if data_dir is not None:
         for split in ("validation", "test"):
             p = data_dir / f"{split}.parquet"
             if p.is_file():
                 import pyarrow.parquet as pq
 
-                rows = pq.read_table(p, columns=["input_ids"]).column("input_ids").to_pylist()
-                seqs = [list(r)[:PPL_MAX_TOKENS] for r in rows if r and len(r) > 2][:PPL_MAX_SEQS]
+                table = pq.read_table(p, columns=["input_ids", "labels"])
+                pairs = [(list(r)[:PPL_MAX_TOKENS], list(lab)[:PPL_MAX_TOKENS]) for r, lab in
+                         zip(table.column("input_ids").to_pylist(), table.column("labels").to_pylist(), strict=True)
+                         if r and len(r) > 2][:PPL_MAX_SEQS]
+                seqs = [ids for ids, _ in pairs]
+                masks = [[int(t != -100) for t in lab[1:]] for _, lab in pairs]
                 break
     if not seqs:
         seqs = [tok(t)["input_ids"][:PPL_MAX_TOKENS] for t in texts[:PPL_MAX_SEQS]]
         seqs = [s for s in seqs if len(s) > 2]
     if prompt_ids is None:
         prompt_ids = tok(texts[0])["input_ids"][:32]
-    return texts, seqs, prompt_ids
+    if masks is not None and not any(any(m) for m in masks):
+        masks = None
+    return texts, seqs, prompt_ids, masks
 
 
-def hf_reference(merged_dir: Path, texts: list[str], seqs: list[list[int]]) -> dict[str, Any]:
-    """HF tokenizer ids for the texts, and the merged HF model's teacher-forced NLL on seqs."""
+def hf_reference(merged_dir: Path, texts: list[str], seqs: list[list[int]],
+                 masks: list[list[int]] | None = None) -> dict[str, Any]:
+    """HF tokenizer ids for the texts, and the merged HF model's teacher-forced NLL on seqs (all tokens,
+    and answer tokens only where masks are given)."""
     from transformers import AutoTokenizer
 
     from .hf_loading import load_float32
@@ -487,34 +507,40 @@ def hf_reference(merged_dir: Path, texts: list[str], seqs: list[list[int]]) -> d
     offload_dir = Path(merged_dir).parent / f".offload-ref-{os.getpid()}"
     try:
         model, offloaded = load_float32(Path(merged_dir), offload_dir)
-        return {"ids": ids, **_teacher_forced_nll(model, seqs), "disk_offloaded": offloaded}
+        return {"ids": ids, **_teacher_forced_nll(model, seqs, masks), "disk_offloaded": offloaded}
     finally:
         shutil.rmtree(offload_dir, ignore_errors=True)
 
 
-def _teacher_forced_nll(model, seqs: list[list[int]]) -> dict[str, Any]:
+def _teacher_forced_nll(model, seqs: list[list[int]], masks: list[list[int]] | None) -> dict[str, Any]:
     import torch
 
-    nll, n = 0.0, 0
+    nll, n, ans_nll, ans_n = 0.0, 0, 0.0, 0
     first = None
     with torch.no_grad():
-        for s in seqs:
+        for i, s in enumerate(seqs):
             logits = model(input_ids=torch.tensor([s])).logits[0].double()
             if first is None:
                 first = logits[:8]
             lp = torch.log_softmax(logits[:-1], dim=-1)
-            nll += float(-lp[torch.arange(len(s) - 1), torch.tensor(s[1:])].sum())
+            losses = -lp[torch.arange(len(s) - 1), torch.tensor(s[1:])]
+            nll += float(losses.sum())
             n += len(s) - 1
-    return {"nll": nll, "n": n, "first_logits": first}
+            if masks is not None:
+                m = torch.tensor(masks[i], dtype=torch.bool)
+                ans_nll += float(losses[m].sum())
+                ans_n += int(m.sum())
+    return {"nll": nll, "n": n, "answer_nll": ans_nll, "answer_n": ans_n, "first_logits": first}
 
 
 def eval_gguf(path: Path, texts: list[str], seqs: list[list[int]], prompt_ids: list[int], n_gen: int = 24,
-              lora_path: Path | None = None, stop_ids: list[int] | None = None) -> dict[str, Any]:
+              lora_path: Path | None = None, stop_ids: list[int] | None = None,
+              masks: list[list[int]] | None = None) -> dict[str, Any]:
     """Tokenize, score and generate with llama.cpp on one GGUF (subprocess)."""
     import tempfile
 
     n_ctx = max([len(s) for s in seqs] + [len(prompt_ids) + n_gen + 1, 64])
-    job = {"path": str(path), "texts": texts, "seqs": seqs, "prompt_ids": prompt_ids, "n_gen": n_gen,
+    job = {"path": str(path), "texts": texts, "seqs": seqs, "masks": masks, "prompt_ids": prompt_ids, "n_gen": n_gen,
            "n_ctx": n_ctx, "lora_path": str(lora_path) if lora_path else None, "stop_ids": stop_ids or [],
            "n_threads": max(1, min(8, os.cpu_count() or 1))}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
@@ -570,12 +596,15 @@ def build_gguf(cfg, run, merged_dir: Path, out: Path) -> dict[str, Any]:
     atomic_write_text(out / "verify.json", json.dumps(report, indent=2) + "\n")
     _print_table(results)
     default_q = cfg.ollama.quant if cfg.ollama.quant in files else next(iter(files))
-    summary = ", ".join(f"{q} {r['bytes'] / 2**20:.0f} MiB" + (f" ppl {r['ppl']:.3g}" if r.get("ppl") else "")
+    summary = ", ".join(f"{q} {r['bytes'] / 2**20:.0f} MiB"
+                        + (f" answer ppl {r['answer_ppl']:.3g}" if r.get("answer_ppl")
+                           else f" ppl {r['ppl']:.3g}" if r.get("ppl") else "")
                         for q, r in results.items())
     return {
         "files": {q: p.name for q, p in files.items()},
         "default": files[default_q].name,
-        "verify": {q: {k: r.get(k) for k in ("ppl", "ppl_increase", "tokenizer_parity", "loaded", "generation")}
+        "verify": {q: {k: r.get(k) for k in ("ppl", "ppl_increase", "answer_ppl", "answer_ppl_increase",
+                                             "tokenizer_parity", "loaded", "generation")}
                    for q, r in results.items()},
         "reference_ppl": next(iter(results.values())).get("reference_ppl"),
         "timings": timings,
@@ -615,7 +644,7 @@ def export_adapter(cfg, run, merged_dir: Path, out: Path, merged_gguf: Path, dat
     scratch = out / f".base-{os.getpid()}-F16.gguf"
     try:
         convert_to_gguf(base_dir, scratch, outtype="f16", pre_tokenizer=cfg.export.pre_tokenizer)
-        texts, seqs, prompt_ids = _validation(merged_dir, data_dir)
+        texts, seqs, prompt_ids, _masks = _validation(merged_dir, data_dir)
         with ui.status("export: base GGUF + adapter GGUF vs merged GGUF in llama.cpp"):
             with_lora = eval_gguf(scratch, texts[:1], seqs, prompt_ids, lora_path=dst)
             merged = eval_gguf(merged_gguf, texts[:1], seqs, prompt_ids)
@@ -666,14 +695,14 @@ def verify_outputs(files: dict[str, Path], merged_dir: Path, data_dir: Path | No
                       "loaded": bool(verify), "lineage": info["lineage"]}
     if not verify:
         return results
-    texts, seqs, prompt_ids = _validation(merged_dir, data_dir)
+    texts, seqs, prompt_ids, masks = _validation(merged_dir, data_dir)
     with ui.status("export: reference perplexity with the merged HF model"):
-        ref = hf_reference(merged_dir, texts, seqs)
+        ref = hf_reference(merged_dir, texts, seqs, masks)
     ref_ppl = _ppl(ref["nll"], ref["n"])
     base_ppl = None
     for q, p in files.items():
         with ui.status(f"export: verifying {p.name} with llama.cpp"):
-            ev = eval_gguf(p, texts, seqs, prompt_ids)
+            ev = eval_gguf(p, texts, seqs, prompt_ids, masks=masks)
         if ev.get("nonfinite"):
             raise UserError(f"{p.name}: llama.cpp produced non-finite logits; the file is damaged",
                             hint="re-run `ollama-ft export RUN --force`")
@@ -684,6 +713,10 @@ def verify_outputs(files: dict[str, Path], merged_dir: Path, data_dir: Path | No
                   "tokens_scored": ev["n"], "ppl": ppl, "reference_ppl": ref_ppl,
                   "ppl_vs_reference": ppl / ref_ppl - 1, "generation": ev["gen_text"], "load_s": ev["load_s"],
                   "reference_disk_offloaded": ref["disk_offloaded"]})
+        if masks is not None and ev.get("answer_n"):
+            # answer tokens only: what the fine-tune changed, so what a quantization can undo
+            r.update({"answer_ppl": _ppl(ev["answer_nll"], ev["answer_n"]), "answer_tokens": ev["answer_n"],
+                      "reference_answer_ppl": _ppl(ref["answer_nll"], ref["answer_n"])})
         if mismatches:
             i = mismatches[0]
             err = UserError(
@@ -706,20 +739,31 @@ def verify_outputs(files: dict[str, Path], merged_dir: Path, data_dir: Path | No
                     f"{p.name}: perplexity {ppl:.4g} differs from the merged HF model's {ref_ppl:.4g} by "
                     f"{100 * (ppl / ref_ppl - 1):+.2f}% (allowed ±{100 * PPL_TOLERANCE:g}%)",
                     hint="the conversion changed the model; check the converter version and the model architecture")
-    for r in results.values():
+    base_answer = results.get(base_quant, {}).get("answer_ppl")
+    for q, r in results.items():
         if base_ppl and r.get("ppl"):
             r["ppl_increase"] = r["ppl"] / base_ppl - 1
+        if base_answer and r.get("answer_ppl"):
+            r["answer_ppl_increase"] = r["answer_ppl"] / base_answer - 1
+            if r["answer_ppl_increase"] > QUANT_LOSS_WARN:
+                ui.warn(f"{q}: answer perplexity {r['answer_ppl']:.3g} vs {base_answer:.3g} at {base_quant} "
+                        f"({100 * r['answer_ppl_increase']:+.0f}%): this quantization undoes much of the fine-tune; "
+                        "register a larger one (ollama.quant: Q8_0 or Q6_K)")
     return results
 
 
 def _print_table(results: dict[str, dict[str, Any]]) -> None:
     rows = []
+    answer = any(r.get("answer_ppl") for r in results.values())
     for q, r in results.items():
+        key = "answer_ppl" if answer else "ppl"
+        inc = r.get("answer_ppl_increase" if answer else "ppl_increase")
         rows.append([q, r["file"], f"{r['bytes'] / 2**20:.1f} MiB", r["tensors"],
                      "yes" if r.get("loaded") else "not checked",
                      {True: "equal", False: "DIFFERS", None: "-"}[r.get("tokenizer_parity")],
                      f"{r['ppl']:.4g}" if r.get("ppl") else "-",
-                     f"{100 * r['ppl_increase']:+.2f}%" if r.get("ppl_increase") is not None else "-",
+                     f"{r[key]:.4g}" + (f" ({100 * inc:+.1f}%)" if inc is not None else "") if r.get(key) else "-",
                      (r.get("generation") or "-")[:40].replace("\n", " ")])
     ui.table("GGUF verification", ["quant", "file", "size", "tensors", "llama.cpp loads", "tokens vs HF",
-                                   "perplexity", "vs F16", "greedy sample"], rows, console=ui.err)
+                                   "perplexity (all tokens)", "answer ppl (vs F16)" if answer else "ppl (vs F16)",
+                                   "greedy sample"], rows, console=ui.err)

@@ -144,6 +144,11 @@ def test_export_quantize_verify(arch, tiny_llama, tiny_qwen2, tmp_path):
     assert abs(files["F16"]["ppl_vs_reference"]) <= 0.01
     assert abs(files["Q8_0"]["ppl_increase"]) < 0.01
     assert files["Q4_K_M"]["ppl_increase"] is not None
+    # answer tokens only (labels != -100): F16 agrees with HF there too; each quant reports its increase
+    assert files["F16"]["answer_tokens"] > 10
+    assert files["F16"]["answer_ppl"] == pytest.approx(files["F16"]["reference_answer_ppl"], rel=0.01)
+    assert abs(files["Q8_0"]["answer_ppl_increase"]) < 0.02
+    assert files["Q4_K_M"]["answer_ppl_increase"] is not None
     assert (out / "tinyrun-Q4_K_M.gguf").stat().st_size < (out / "tinyrun-F16.gguf").stat().st_size
     # lineage and the training chat template are in the file
     r = GGUFReader(str(out / "tinyrun-Q4_K_M.gguf"))
@@ -332,3 +337,21 @@ def test_perplexity_reference_offloads_to_disk_beyond_the_ram_budget(tiny_llama,
     assert not in_ram["disk_offloaded"] and offloaded["disk_offloaded"]
     assert offloaded["nll"] == pytest.approx(in_ram["nll"], rel=1e-9) and offloaded["n"] == in_ram["n"] == 10
     assert offloaded["ids"] == in_ram["ids"]
+
+
+def test_a_quantization_that_undoes_the_fine_tune_is_called_out(tiny_llama, tmp_path, monkeypatch, capsys):
+    """Answer-only perplexity per quant: above QUANT_LOSS_WARN over F16 the export says to register a larger
+    quant (threshold lowered here so the tiny model's Q4_K_M crosses it)."""
+    from ollama_ft import export
+
+    run = make_run(tmp_path, tiny_llama)
+    cfg = RunConfig(name="tinyrun")
+    cfg.export.quants = ["Q4_K_M"]
+    out = tmp_path / "gguf"
+    out.mkdir()
+    monkeypatch.setattr(export, "QUANT_LOSS_WARN", -1.0)
+    info = export.build_gguf(cfg, run, tiny_llama, out)
+    err = capsys.readouterr().err
+    assert "Q4_K_M: answer perplexity" in err and "undoes much of the fine-tune" in err
+    assert info["verify"]["Q4_K_M"]["answer_ppl_increase"] is not None
+    assert "answer ppl" in info["summary"]
