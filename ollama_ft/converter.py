@@ -102,7 +102,7 @@ elif tj.is_file():
         logging.getLogger("hf-to-gguf").setLevel(logging.ERROR)
         try:
             tok_info["pre"] = cls.get_vocab_base_pre(None, tokenizer)
-            tok_info["pre_source"] = "config" if override else "converter"
+            tok_info["pre_source"] = "converter"  # "config" below when export.pre_tokenizer is set
         except NotImplementedError as e:
             emit({"ok": False, "kind": "pre_tokenizer", "architecture": arch, "message": str(e)})
             sys.exit(4)
@@ -198,19 +198,6 @@ def _env(cdir: Path) -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env["PYTHONUNBUFFERED"] = "1"
     return env
-
-
-def _count_tensors(hf_dir: Path) -> int:
-    """Tensors in the HF dir's safetensors (headers only), for a progress total."""
-    import struct
-
-    n = 0
-    for f in sorted(Path(hf_dir).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
-        n += sum(1 for k in header if k != "__metadata__")
-    return n
 
 
 def _raise_for_result(res: dict[str, Any], hf_dir: Path) -> None:
@@ -433,6 +420,8 @@ def convert_to_gguf(hf_dir: str | Path, out_path: str | Path, outtype: str = "f1
     renamed into place.
     Returns {"path", "bytes", "seconds", "phases", "architecture", "tokenizer"}.
     """
+    from .sources import safetensors_summary
+
     hf_dir = Path(hf_dir)
     out_path = Path(out_path)
     if not (hf_dir / "config.json").is_file():
@@ -455,7 +444,7 @@ def convert_to_gguf(hf_dir: str | Path, out_path: str | Path, outtype: str = "f1
     t0 = time.perf_counter()
     try:
         src = _converter_view(hf_dir, scratch)
-        res, _tail, phases = _run_driver("convert", src, args, total_tensors=_count_tensors(hf_dir),
+        res, _tail, phases = _run_driver("convert", src, args, total_tensors=safetensors_summary(hf_dir)["tensors"],
                                          label=f"GGUF {outtype.upper()}", pre_tokenizer=pre_tokenizer)
         if not tmp.is_file() or tmp.stat().st_size == 0:
             raise UserError(f"the converter finished but wrote no file for {hf_dir}")

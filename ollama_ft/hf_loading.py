@@ -14,9 +14,7 @@ OLLAMA_FT_PROOF_RAM_BYTES sets the budget (tests force the offload path with a t
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,18 +25,9 @@ RUNTIME_RESERVE = int(1.5 * GB)  # python, torch, activations and logits of a pr
 
 def float32_bytes(model_dir: Path) -> int:
     """Bytes of the model's weights in float32, from the safetensors headers (no weights read)."""
-    n = 0
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
-        for k, v in header.items():
-            if k != "__metadata__":
-                count = 1
-                for d in v["shape"]:
-                    count *= d
-                n += count * 4
-    return n
+    from .sources import safetensors_summary
+
+    return safetensors_summary(model_dir)["parameters"] * 4
 
 
 def ram_budget() -> int:

@@ -238,8 +238,8 @@ def cache_root() -> Path:
 
 
 def safetensors_summary(d: Path) -> dict[str, Any]:
-    """Parameter count, main dtype and bytes of the *.safetensors in d, from their headers only."""
-    params, by_dtype, nbytes, files = 0, {}, 0, 0
+    """Parameter and tensor counts, main dtype and bytes of the *.safetensors in d, from their headers only."""
+    params, by_dtype, nbytes, files, tensors = 0, {}, 0, 0, 0
     for f in sorted(Path(d).glob("*.safetensors")):
         files += 1
         nbytes += f.stat().st_size
@@ -249,6 +249,7 @@ def safetensors_summary(d: Path) -> dict[str, Any]:
         for k, v in header.items():
             if k == "__metadata__":
                 continue
+            tensors += 1
             n = 1
             for x in v["shape"]:
                 n *= int(x)
@@ -256,7 +257,7 @@ def safetensors_summary(d: Path) -> dict[str, Any]:
             by_dtype[v["dtype"]] = by_dtype.get(v["dtype"], 0) + n
     main = max(by_dtype, key=by_dtype.get) if by_dtype else None
     return {"parameters": params, "dtype": _ST_DTYPES.get(main, main) if main else None, "bytes": nbytes,
-            "files": files}
+            "files": files, "tensors": tensors}
 
 
 def read_chat_template(d: Path) -> tuple[str | None, str | None]:

@@ -73,19 +73,24 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 512):
     # from_pretrained on a directory holding tokenizer.model loads it properly.
     # legacy=True: a space prefix after special tokens, as llama.cpp's SentencePiece tokenizer does (token parity).
     tok = LlamaTokenizer.from_pretrained(str(out_dir), legacy=True, add_bos_token=True, add_eos_token=False)
-    tok.chat_template = CHATML_TEMPLATE
     tok.pad_token = tok.unk_token
-    tok.save_pretrained(str(out_dir))
     # transformers 5 does not save `legacy`; reloading as LlamaTokenizer would drop the space after special
     # tokens that llama.cpp adds. The generic class keeps tokenizer.json's pre-tokenizer as saved.
+    _save(tok, out_dir, "PreTrainedTokenizerFast")
+    return tok
+
+
+def _save(tok, out_dir: Path, tokenizer_class: str) -> None:
+    """Save tok with the ChatML template, recording tokenizer_class for AutoTokenizer."""
     import json
 
+    tok.chat_template = CHATML_TEMPLATE
+    tok.save_pretrained(str(out_dir))
     conf_path = out_dir / "tokenizer_config.json"
     conf = json.loads(conf_path.read_text())
-    conf["tokenizer_class"] = "PreTrainedTokenizerFast"
+    conf["tokenizer_class"] = tokenizer_class
     conf_path.write_text(json.dumps(conf, indent=2, ensure_ascii=False))
     (out_dir / "chat_template.jinja").write_text(CHATML_TEMPLATE)
-    return tok
 
 
 # Qwen2's pre-tokenizer split (its tokenizer.json; llama.cpp's "qwen2" pre-tokenizer uses the same).
@@ -95,7 +100,6 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
 
 def build_bytelevel_tokenizer(out_dir: Path, vocab_size: int = 600):
     """Train a Qwen2-style byte-level BPE tokenizer and save it (tokenizer.json, no tokenizer.model)."""
-    import json
 
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -115,13 +119,7 @@ def build_bytelevel_tokenizer(out_dir: Path, vocab_size: int = 600):
     extra = ["follow-up x-ray check-in (urgent) (routine) re-check"] * 200
     tk.train_from_iterator(_corpus().splitlines() + extra, trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.chat_template = CHATML_TEMPLATE
-    tok.save_pretrained(str(out_dir))
-    conf_path = out_dir / "tokenizer_config.json"
-    conf = json.loads(conf_path.read_text())
-    conf["tokenizer_class"] = "Qwen2Tokenizer"
-    conf_path.write_text(json.dumps(conf, indent=2, ensure_ascii=False))
-    (out_dir / "chat_template.jinja").write_text(CHATML_TEMPLATE)
+    _save(tok, out_dir, "Qwen2Tokenizer")
     return tok
 
 
