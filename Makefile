@@ -9,7 +9,8 @@ CONVERTER_DIR := $(VENV)/converter
 # Portable llama.cpp build: a native build crashes on CPUs that advertise AMX inside VMs
 # (see README, Troubleshooting). The wheel is cached by pip, so later installs are fast.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
-# CPU torch by default; a GPU user installs a CUDA torch into .venv first (README) and this is skipped.
+# PyPI's torch 2.13.0 (its CUDA build, ~3 GB with the nvidia packages; it runs on CPUs too). An existing
+# torch in .venv is kept, so a GPU user can install the build for their driver first (README).
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/demo.yaml
 # Registry for `make publish`: HOST:PORT/namespace (a run config's publish.registry is used when empty).
@@ -17,7 +18,7 @@ REGISTRY ?= 127.0.0.1:5000/library
 NAME ?= demo
 TEST_ARGS ?=
 
-.PHONY: system-deps install test test-fast lint demo bench publish doctor clean help
+.PHONY: system-deps install test test-fast lint demo bench publish doctor clean help ollama
 
 help:
 	@echo "make install   create .venv with everything (idempotent)"
@@ -30,14 +31,17 @@ help:
 
 install: $(STAMP)
 
-# Debian tools for the full test suite (Go's text/template for the TEMPLATE fidelity check, a real OCI
-# registry for publish tests). Tests that need them skip with a reason when they are absent.
+# Debian tools for the full test suite: a real OCI registry (docker-registry) for publish tests, and Go
+# (Ollama's text/template for the TEMPLATE fidelity check; the real Ollama build) where the machine lacks
+# it. Tests that need them skip with a reason when they are absent.
 system-deps:
-	@if command -v go >/dev/null && command -v docker-registry >/dev/null; then exit 0; fi; \
+	@pkgs=""; command -v docker-registry >/dev/null || pkgs="$$pkgs docker-registry"; \
+	command -v go >/dev/null || pkgs="$$pkgs golang-go"; \
+	if [ -z "$$pkgs" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
-	  echo "note: install golang-go and docker-registry (apt) for the full test suite"; exit 0; fi; \
+	  echo "note: install$$pkgs (apt) for the full test suite"; exit 0; fi; \
 	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get update -qq && \
-	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends golang-go docker-registry >/dev/null
+	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$pkgs >/dev/null
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,6 +61,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(TEST_ARGS)
+
+# The real Ollama server (v0.24.0, cgo CPU build from its Go module) for end-to-end tests only;
+# cached under OLLAMA_FT_CACHE (default ~/.cache/ollama-ft)/ollama/<version>/bin/ollama.
+ollama:
+	bash scripts/build_ollama.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ollama_ft tests bench scripts

@@ -351,35 +351,74 @@ def _quiet_libraries() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
-def main() -> None:
-    _quiet_libraries()
-    try:
-        app(standalone_mode=False)
-    except UserError as e:
-        from . import ui
+EXIT_USER_ERROR = 1
+EXIT_INTERNAL = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells and `make` expect after Ctrl-C
 
+
+def _write_crash_log() -> Path | None:
+    """The full traceback of an internal failure, kept where the user can attach it to a report."""
+    import time
+    import traceback
+
+    from .sources import cache_root
+
+    try:
+        d = cache_root() / "logs"
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        path.write_text(f"ollama-ft {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}")
+        return path
+    except OSError:
+        return None
+
+
+def main() -> None:
+    """Exit codes scripts can trust: 0 ok, 1 user error (one red line), 2 internal failure (log path),
+    130 interrupted (what was kept and how to resume)."""
+    _quiet_libraries()
+    from . import ui
+
+    try:
+        rc = app(standalone_mode=False)
+    except UserError as e:
         ui.print_error(e.message, e.hint, e.details)
         if _state["verbose"]:
             import traceback
 
             traceback.print_exc()
-        sys.exit(1)
+        sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
-        from . import ui
-
-        ui.print_error("interrupted; finished stages are kept, re-run the same command to continue")
-        sys.exit(130)
+        rc = EXIT_INTERRUPTED
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except typer.Abort:
-        sys.exit(1)
-    except Exception as e:  # click usage errors
+    except typer.Abort:  # click turns Ctrl-C at a prompt into Abort
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as e:
         import click
 
-        if isinstance(e, click.ClickException):
+        if isinstance(e, click.ClickException):  # usage errors: bad option, missing argument
             e.show()
             sys.exit(e.exit_code)
-        raise
+        if isinstance(e, OSError) and e.errno == 28:  # ENOSPC, wherever it surfaced
+            where = getattr(e, "filename", None) or "the output directory"
+            ui.print_error(f"disk full at {where}", "free some space (or point runs_dir / OLLAMA_FT_CACHE at a "
+                           "larger disk) and re-run; finished stages are kept")
+            sys.exit(EXIT_USER_ERROR)
+        if _state["verbose"]:
+            raise
+        log = _write_crash_log()
+        ui.print_error(f"internal error: {type(e).__name__}: {e}",
+                       f"this is a bug in ollama-ft; the traceback is in {log}" if log
+                       else "this is a bug in ollama-ft; re-run with --verbose for the traceback")
+        sys.exit(EXIT_INTERNAL)
+    # standalone_mode=False hands back the code a command returned or raised (typer.Exit, Ctrl-C in
+    # click's own handling: 130); dropping it made an interrupted `make demo` report success.
+    if rc == EXIT_INTERRUPTED:
+        ui.print_error("interrupted; finished stages and training checkpoints are kept",
+                       "re-run the same command to continue where it stopped")
+    if isinstance(rc, int) and rc != 0:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

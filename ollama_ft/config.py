@@ -43,6 +43,9 @@ class ModelSettings(_Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights dtype of a base dequantized from GGUF (auto: F32/F16/BF16 GGUFs keep theirs, "
         "quantized ones become bfloat16); HF checkpoints are kept as published")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype torch computes in (training, incl. 4-bit compute). auto: bfloat16 on a GPU "
+        "or a CPU with native bf16 (avx512_bf16/AMX), float32 on other CPUs, where bf16 is ~100x slower")
 
 
 class DataSettings(_Section):
@@ -78,7 +81,9 @@ class TrainingSettings(_Section):
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps")
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="Recompute activations in the backward pass (less memory, ~1.5x the layer FLOPs). "
+        "auto: off when the memory plan fits without it in half the GPU memory (or free RAM on CPU)")
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 42
     eval_steps: int = Field(20, ge=1)
@@ -119,6 +124,19 @@ class OllamaSettings(_Section):
     system: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     quant: str | None = Field(None, description="Which exported GGUF to register (default: the first of export.quants)")
+
+    @field_validator("name", "tag")
+    @classmethod
+    def _valid_ollama_name(cls, v: str | None, info) -> str | None:
+        # Checked here, not hours later at `register`: Ollama refuses names like 'Bad Name!' or 'a:b:c'.
+        if v is not None:
+            from .ollama_store import parse_name
+
+            try:
+                parse_name(v if info.field_name == "name" else f"model:{v}")
+            except UserError as e:
+                raise ValueError(e.message.replace("invalid model name 'model:", "invalid tag '")) from None
+        return v
 
 
 class PublishSettings(_Section):
@@ -220,7 +238,11 @@ def _construct_with_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int],
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_construct_with_lines(v, (*path, i), lines, loader) for i, v in enumerate(node.value)]
-    return loader.construct_object(node, deep=True)
+    try:
+        return loader.construct_object(node, deep=True)
+    except (ValueError, TypeError, OverflowError) as e:  # `!!int abc`, `!!float x`: point at the value
+        raise yaml.constructor.ConstructorError(None, None, f"cannot read {node.value!r} as {node.tag}: {e}",
+                                                node.start_mark) from None
 
 
 def load_yaml_with_lines(text: str, source: str) -> tuple[dict[str, Any], dict[tuple, int]]:
@@ -237,7 +259,15 @@ def load_yaml_with_lines(text: str, source: str) -> tuple[dict[str, Any], dict[t
     if node is None:
         return {}, {}
     lines: dict[tuple, int] = {}
-    data = _construct_with_lines(node, (), lines, _Loader(""))
+    try:
+        data = _construct_with_lines(node, (), lines, _Loader(""))
+    except yaml.YAMLError as e:  # e.g. an unknown or unsafe tag (!!python/object), a bad !!int
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise UserError(f"{where}: cannot read this YAML value: {getattr(e, 'problem', None) or e}",
+                        hint="remove the tag (!!...) or quote the value") from None
+    except RecursionError:  # an alias that contains itself (&a [*a])
+        raise UserError(f"{source}: a YAML alias refers to itself", hint="remove the recursive anchor/alias") from None
     if not isinstance(data, dict):
         raise UserError(f"{source}:1: a config must be a mapping of sections, got {type(data).__name__}")
     return data, lines
@@ -310,7 +340,11 @@ def _parse_override(item: str) -> tuple[tuple[str, ...], Any]:
     path = tuple(p for p in key.strip().split(".") if p)
     if not path:
         raise UserError(f"--set '{item}': empty key")
-    value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
+    try:
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as e:
+        raise UserError(f"--set '{item}': the value is not valid YAML ({getattr(e, 'problem', None) or e})",
+                        hint="quote it (--set 'key=\"text\"') or write a list as [a, b]") from None
     return path, value
 
 

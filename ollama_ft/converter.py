@@ -326,6 +326,11 @@ def _run_driver(mode: str, hf_dir: Path, conv_args: list[str], total_tensors: in
         if "is not supported" in text or "not supported!" in text:
             _raise_for_result({"ok": False, "kind": "architecture", "architecture": result.get("architecture"),
                                "message": tail[-1] if tail else ""}, hf_dir)
+        if "No space left on device" in text or "Not enough free space" in text or "Errno 28" in text:
+            dest = conv_args[conv_args.index("--outfile") + 1] if "--outfile" in conv_args else "the output directory"
+            raise UserError(f"disk full at {Path(dest).parent} while llama.cpp's converter wrote {Path(dest).name}",
+                            hint="free some space there (`ollama-ft plan CONFIG` shows each stage's disk need) "
+                                 "and re-run; finished stages are kept")
         raise UserError(f"llama.cpp's converter failed on {hf_dir} (exit code {rc})",
                         hint="the last lines of its log are shown above; a damaged model directory "
                              "(missing or truncated *.safetensors) is the usual cause",

@@ -55,13 +55,16 @@ def check_torch() -> list[Check]:
         name = torch.cuda.get_device_name(0) if cuda else '-'
         bf16 = torch.cuda.is_bf16_supported() if cuda else False
         mem = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0
-        print(f"{torch.__version__}|{cuda}|{name}|{bf16}|{mem:.1f}")
+        from ollama_ft.compute_dtype import choose
+        c = choose('auto', 'cuda' if cuda else 'cpu')
+        print(f"{torch.__version__}|{cuda}|{name}|{bf16}|{mem:.1f}|{c.name}|{c.reason}")
         """
     )
     if rc != 0:
         return [Check("torch", False, out, "run `make install` (CPU) or install a CUDA torch first, see README")]
-    ver, cuda, name, bf16, mem = out.split("|")
-    checks = [Check("torch", True, ver)]
+    ver, cuda, name, bf16, mem, dtype, why = out.split("|", 6)
+    checks = [Check("torch", True, ver),
+              Check("compute dtype", True, f"{dtype} ({why}); override with model.compute_dtype", required=False)]
     if cuda == "True":
         checks.append(Check("CUDA GPU", True, f"{name}, {mem} GiB, bf16={'yes' if bf16 == 'True' else 'no (fp16 used)'}",
                             required=False))

@@ -104,6 +104,10 @@ class LlamaCppEngine:
     def _piece(self, tok: int) -> str:
         return self.llm.detokenize([tok], special=True).decode("utf-8", errors="replace")
 
+    def piece(self, tok: int) -> str:
+        """The text of one token, special tokens spelled out."""
+        return self._piece(tok)
+
     def prompt_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         text = render_prompt(self.template, messages, self.bos_text, self.eos_text)
         add_bos = self.add_bos and not (self.bos_text and text.startswith(self.bos_text))
@@ -184,6 +188,71 @@ class LlamaCppEngine:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.llm.close()
+
+
+class LocalChat:
+    """`ollama-ft run --local`: stream an answer from a GGUF with llama.cpp (meant to live in a
+    native_worker child). With `text` the prompt is already rendered (the Modelfile's TEMPLATE);
+    otherwise llama.cpp applies the GGUF's own chat template to `messages`."""
+
+    def __init__(self, gguf: Path, n_ctx: int = 4096):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, seed=0, verbose=False)
+
+    def stream(self, text: str | None, messages: list[dict[str, str]], max_tokens: int, stops: list[str]):
+        if text is not None:
+            for c in self.llm.create_completion(text, max_tokens=max_tokens, stop=stops or None, stream=True):
+                yield c["choices"][0].get("text", "")
+        else:
+            for c in self.llm.create_chat_completion(messages=messages, max_tokens=max_tokens, stop=stops or None,
+                                                     stream=True):
+                yield c["choices"][0].get("delta", {}).get("content", "") or ""
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class ContainedLlamaCppEngine:
+    """LlamaCppEngine in a child process (native_worker): a llama.cpp crash becomes a clear error and
+    llama.cpp's log goes to `log_path` instead of the terminal. Same methods as LlamaCppEngine."""
+
+    name = "llama_cpp"
+
+    def __init__(self, gguf: Path, template: str, log_path: Path | None = None, **kwargs):
+        from .native_worker import Contained
+
+        self.path = Path(gguf)
+        if not self.path.is_file():
+            raise UserError(f"GGUF not found: {self.path}", hint="run `ollama-ft export RUN` first")
+        self._w = Contained("ollama_ft.eval_engines:LlamaCppEngine", self.path, template,
+                            what=f"llama.cpp ({self.path.name})", log_path=log_path, **kwargs)
+        self._stop_ids: set[int] = set()
+
+    @property
+    def stop_ids(self) -> set[int]:
+        return self._stop_ids
+
+    @stop_ids.setter
+    def stop_ids(self, ids: set[int]) -> None:
+        self._stop_ids = set(ids)
+        self._w.set("stop_ids", set(ids))
+
+    def piece(self, tok: int) -> str:
+        return self._w.call("piece", tok)
+
+    def prompt_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        return self._w.call("prompt_tokens", messages)
+
+    def generate(self, messages: list[dict[str, str]], max_new_tokens: int,
+                 prompt: list[int] | None = None) -> Generation:
+        return self._w.call("generate", messages, max_new_tokens, prompt=prompt)
+
+    def nll(self, input_ids: list[int], labels: list[int]) -> tuple[float, int]:
+        return self._w.call("nll", list(input_ids), list(labels))
+
+    def close(self) -> None:
+        self._w.close()
 
 
 class OllamaEngine:

@@ -206,7 +206,7 @@ def _stop_ids(engine: Any, records: list[dict[str, Any]]) -> set[int]:
         if span is None:
             continue
         for t in range(span[1] - 1, span[0] - 1, -1):
-            piece = engine.llm.detokenize([rec["input_ids"][t]], special=True).decode("utf-8", "replace")
+            piece = engine.piece(rec["input_ids"][t])
             if piece.strip():
                 if piece.strip() not in rec["messages"][-1]["content"]:
                     seen[rec["input_ids"][t]] += 1
@@ -217,6 +217,13 @@ def _stop_ids(engine: Any, records: list[dict[str, Any]]) -> set[int]:
     return {tok} if n >= max(1, len(records) // 2) else set()
 
 
+def _llama_log(gguf: Path) -> Path:
+    """runs/<run>/logs/llama.log for a GGUF inside a run (runs/<run>/gguf/...), else beside the GGUF."""
+    gguf = Path(gguf)
+    root = gguf.parent.parent if gguf.parent.name == "gguf" else gguf.parent
+    return root / "logs" / "llama.log"
+
+
 def _n_ctx(records: list[dict[str, Any]], max_new: int) -> int:
     longest = max([len(r.get("input_ids", [])) for r in records] + [0])
     return max(512, longest + max_new + 16)
@@ -225,7 +232,7 @@ def _n_ctx(records: list[dict[str, Any]], max_new: int) -> int:
 def run_model(label: str, gguf: Path | None, records: list[dict[str, Any]], cfg: RunConfig, template: str,
               ollama_model: str | None = None, generate: bool = True) -> dict[str, Any]:
     """Generate for every record (if `generate`) and score the reference answers' NLL (GGUF only)."""
-    from .eval_engines import LlamaCppEngine, OllamaEngine
+    from .eval_engines import ContainedLlamaCppEngine, OllamaEngine
 
     ev = cfg.eval
     llama = None
@@ -236,8 +243,10 @@ def run_model(label: str, gguf: Path | None, records: list[dict[str, Any]], cfg:
     try:
         if gguf is not None:
             t0 = time.perf_counter()
-            llama = LlamaCppEngine(gguf, template, n_ctx=_n_ctx(records, ev.max_new_tokens), threads=ev.threads,
-                                   seed=ev.seed)
+            # in a child process: a llama.cpp crash is reported, not fatal; its log goes to the run's logs/
+            llama = ContainedLlamaCppEngine(gguf, template, log_path=_llama_log(gguf),
+                                            n_ctx=_n_ctx(records, ev.max_new_tokens), threads=ev.threads,
+                                            seed=ev.seed)
             llama.stop_ids = _stop_ids(llama, records)
             load_s = time.perf_counter() - t0
             if generate and not ollama_model and records:

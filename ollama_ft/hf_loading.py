@@ -34,7 +34,17 @@ def ram_budget() -> int:
     """Bytes the proof may keep resident: $OLLAMA_FT_PROOF_RAM_BYTES, else 60% of available RAM."""
     env = os.environ.get("OLLAMA_FT_PROOF_RAM_BYTES")
     if env:
-        return int(env)
+        try:
+            value = int(env.strip().replace("_", ""))
+        except ValueError:
+            value = -1
+        if value <= 0:
+            from .errors import UserError
+
+            raise UserError(f"OLLAMA_FT_PROOF_RAM_BYTES={env!r} is not a positive whole number of bytes",
+                            hint="write bytes, e.g. OLLAMA_FT_PROOF_RAM_BYTES=16000000000 for 16 GB, or unset it "
+                                 "to use 60% of the available RAM")
+        return value
     import psutil
 
     return int(psutil.virtual_memory().available * 0.6)

@@ -567,21 +567,15 @@ def _run_local(run_ref: str, prompt: str, system: str | None, max_tokens: int) -
             ui.warn(f"{e.message}; using the GGUF's own chat template instead")
     if text is None and mf_system and not system:
         messages.insert(0, {"role": "system", "content": mf_system})
-    from llama_cpp import Llama
+    from .native_worker import Contained
 
+    log = gguf.parent.parent / "logs" / "llama.log" if gguf.parent.name == "gguf" else gguf.with_suffix(".log")
     with ui.status(f"loading {gguf.name}"):
-        llm = Llama(model_path=str(gguf), n_ctx=4096, seed=0, verbose=False)
+        # a child process: a llama.cpp crash becomes a message, and its log stays out of the answer
+        llm = Contained("ollama_ft.eval_engines:LocalChat", gguf, what=f"llama.cpp ({gguf.name})", log_path=log)
     pieces = []
     try:
-        if text is not None:
-            it = llm.create_completion(text, max_tokens=max_tokens, stop=stops or None, stream=True)
-            get = lambda c: c["choices"][0].get("text", "")  # noqa: E731
-        else:
-            it = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, stop=stops or None,
-                                            stream=True)
-            get = lambda c: c["choices"][0].get("delta", {}).get("content", "") or ""  # noqa: E731
-        for chunk in it:
-            piece = get(chunk)
+        for piece in llm.stream("stream", text, messages, max_tokens, stops):
             pieces.append(piece)
             ui.out.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
         ui.out.print()

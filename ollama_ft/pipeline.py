@@ -25,7 +25,8 @@ def stage_settings(cfg: RunConfig, stage: str) -> dict[str, Any]:
         "pull": {k: m[k] for k in ("base", "revision", "trust_remote_code", "dtype")},
         "data": {"data": dump["data"], "chat_template": m["chat_template"]},
         "train": {"lora": dump["lora"], "training": {k: v for k, v in dump["training"].items() if k not in ("tensorboard", "logging_steps", "nproc")},
-                  "optimizer": dump["optimizer"], "adapter": m["adapter"], "quantization": m["quantization"]},
+                  "optimizer": dump["optimizer"], "adapter": m["adapter"], "quantization": m["quantization"],
+                  "compute_dtype": m["compute_dtype"]},
         "merge": {"merge_base": m["merge_base"]},
         "export": {"export": dump["export"], "name": cfg.ollama_name},
         "modelfile": {"ollama": {k: v for k, v in dump["ollama"].items() if k != "host"}, "name": cfg.ollama_name},
@@ -77,6 +78,15 @@ def _build(stage: str, run: Run, cfg: RunConfig, *, resume: bool = True, gate_fo
     raise ValueError(stage)
 
 
+def _checked(cfg: RunConfig, run: Run, stage: str, builder):
+    """The stage builder, preceded by the free-space check (only runs when the stage is not skipped)."""
+    def build(out):
+        check_free_space(cfg, run, stage)
+        return builder(out)
+
+    return build
+
+
 def check_exportable(cfg: RunConfig, base_dir: Path) -> dict[str, Any]:
     """Before hours of training: will llama.cpp's converter take this architecture and tokenizer?"""
     from .converter import preflight
@@ -87,6 +97,26 @@ def check_exportable(cfg: RunConfig, base_dir: Path) -> dict[str, Any]:
     ui.info(f"GGUF pre-flight: llama.cpp's converter supports {res.get('architecture')} "
             f"with its {tok.get('kind', 'unknown')} tokenizer{pre}")
     return res
+
+
+def check_free_space(cfg: RunConfig, run: Run, stage: str) -> None:
+    """Stop before a stage whose output would not fit on the disk it writes to (plan's figure for it)."""
+    import shutil
+
+    from .plan import GB, ModelDims, model_config_for, stage_disk_need
+
+    try:
+        cfg_dict, _ = model_config_for(cfg.model.base, Path(cfg.runs_dir), cfg.run_name)
+        dims = ModelDims.from_config(cfg_dict)
+    except Exception:  # no config to size from (an unusual base): the stage's own ENOSPC report still applies
+        return
+    need = stage_disk_need(dims, stage, cfg.export.quants, cfg.lora.r)
+    free = shutil.disk_usage(run.root).free
+    if need > free:
+        raise UserError(f"not enough disk space for the {stage} stage at {run.root}: it needs about "
+                        f"{need / GB:.2f} GB, {free / GB:.2f} GB are free",
+                        hint="free some space or set runs_dir to a larger disk, then re-run the same command "
+                             "(finished stages are kept); `ollama-ft plan CONFIG` lists every stage's need")
 
 
 def _stage_range(until: str | None, from_stage: str | None) -> tuple[int, int]:
@@ -132,7 +162,8 @@ def run_pipeline(
         if stage == "register":
             registered = _register_or_explain(cfg, run, force="register" in force_set)
             continue
-        res = run.run_stage(stage, stage_settings(cfg, stage), _build(stage, run, cfg, resume=resume),
+        builder = _build(stage, run, cfg, resume=resume)
+        res = run.run_stage(stage, stage_settings(cfg, stage), _checked(cfg, run, stage, builder),
                             force=stage in force_set)
         if res.skipped:
             ui.success(f"{stage}: up to date, skipped ({res.path})")
@@ -162,7 +193,8 @@ def run_single_stage(run_ref: str, stage: str, *, force: bool = False, overrides
         if ok:
             _next_steps(cfg, run, True, STAGES.index("register"))
         return run
-    res = run.run_stage(stage, stage_settings(cfg, stage), _build(stage, run, cfg), force=force)
+    res = run.run_stage(stage, stage_settings(cfg, stage), _checked(cfg, run, stage, _build(stage, run, cfg)),
+                        force=force)
     if res.skipped:
         ui.success(f"{stage}: up to date, skipped ({res.path}); use --force to redo")
     else:

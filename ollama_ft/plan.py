@@ -33,7 +33,9 @@ NF4_BLOCK = 64
 DQ_BLOCK = 256
 CUDA_CONTEXT = 0.5 * GIB
 CUDA_FRAGMENTATION = 0.08
-CPU_RUNTIME = 0.45 * GIB
+# Python + torch + transformers + peft + bitsandbytes resident after import: 0.95 GiB with PyPI's CUDA torch
+# 2.13 (its CUDA libraries are mapped even on CPU; measured 2026-12-01), 0.45 GiB with the old CPU wheel.
+CPU_RUNTIME = 0.95 * GIB
 
 
 @dataclass(frozen=True)
@@ -261,6 +263,10 @@ def parse_size(text: str) -> float:
 
         raise UserError(f"cannot read the size '{text}'", hint="write it like 16GB, 12GiB or 800MB")
     num, unit = float(m.group(1)), (m.group(2) or "gb")
+    if num <= 0:
+        from .errors import UserError
+
+        raise UserError(f"the size '{text}' is zero", hint="give a memory budget above zero, e.g. 16GB")
     base = 1024 if "i" in unit else 1000
     power = {"k": 1, "m": 2, "g": 3, "t": 4}.get(unit[:1], 3)
     return num * base**power
@@ -280,10 +286,91 @@ def settings_from_config(cfg, device: str = "cuda") -> PlanSettings:
         seq_len=cfg.data.max_length, micro_batch=micro, accumulation=accum, lora_r=cfg.lora.r,
         lora_targets=targets if isinstance(targets, str) else tuple(targets), lora_dropout=cfg.lora.dropout,
         load_in_4bit=cfg.load_in_4bit,
-        compute_bytes=4 if (device == "cpu" and not cfg.load_in_4bit and cfg.model.dtype == "auto")
-        or cfg.model.dtype == "float32" else 2,
-        gradient_checkpointing=cfg.training.gradient_checkpointing, optimizer=opt,
+        compute_bytes=4 if _compute_dtype_name(cfg, device) == "float32" else 2,
+        gradient_checkpointing=cfg.training.gradient_checkpointing is not False, optimizer=opt,
         loss="chunked", loss_chunk=t.loss_chunk_size, device=device)
+
+
+def decide_checkpointing(dims: ModelDims, settings: PlanSettings, memory_bytes: float) -> tuple[bool, str]:
+    """training.gradient_checkpointing=auto: off (faster: no recomputation) when the plan's training peak
+    without it stays within half of `memory_bytes` (the GPU, or free RAM on CPU); on otherwise."""
+    without = estimate(dims, replace(settings, gradient_checkpointing=False)).train_total
+    if without <= 0.5 * memory_bytes:
+        return False, (f"off: training needs {without / GB:.1f} GB without it, within half of "
+                       f"{memory_bytes / GB:.1f} GB")
+    return True, f"on: training would need {without / GB:.1f} GB without it, over half of {memory_bytes / GB:.1f} GB"
+
+
+def train_flops_per_token(dims: ModelDims, gradient_checkpointing: bool, trained_share: float) -> float:
+    """Matmul FLOPs per training token of LoRA on a frozen base: forward 2N + input-gradient 2N (no weight
+    gradients for frozen weights) + 2N recomputation with checkpointing; the head costs 4 FLOPs per
+    parameter only on tokens whose logits the chunked loss computes (the trained share)."""
+    layer = dims.linear_params * (6 if gradient_checkpointing else 4)
+    head = 4 * dims.vocab * dims.hidden * trained_share
+    return float(layer + head)
+
+
+def measure_matmul_gflops(dtype_name: str, seconds: float = 0.3) -> float:
+    """This machine's matmul throughput in `dtype_name` (CPU), timed on a training-shaped product."""
+    import time
+
+    import torch
+
+    dt = getattr(torch, dtype_name)
+    a, b = torch.randn(512, 640, dtype=dt), torch.randn(640, 2048, dtype=dt)
+    a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return 2 * 512 * 640 * 2048 * n / (time.perf_counter() - t0) / 1e9
+
+
+def stage_disk_need(dims: ModelDims, stage: str, quants: list[str] | tuple[str, ...] = ("Q4_K_M",),
+                    lora_r: int = 16) -> float:
+    """Bytes a stage writes (what must be free before it starts), from the plan's disk figures."""
+    p = dims.parameters
+    bits = {"Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 5.7, "Q4_K_M": 4.85, "Q4_0": 4.5, "F16": 16, "BF16": 16}
+    lora = dims.layers * sum((a + b) * lora_r for a, b in dims.linears()) * 4
+    need = {
+        "pull": p * 2,                              # full-precision safetensors (bf16)
+        "data": 64 * 2**20,
+        "train": lora * (1 + 2 * 3) + 64 * 2**20,   # adapter + two checkpoints with AdamW state
+        "merge": p * 2,
+        "export": p * 2 + sum(p * bits.get(q.upper(), 8.5) / 8 for q in quants if q.upper() not in ("F16",)),
+        "modelfile": 2**20,
+        "eval": 64 * 2**20,
+    }
+    return float(need.get(stage, 0))
+
+
+def _compute_dtype_name(cfg, device: str) -> str:
+    """The dtype training would compute in on `device` (a CPU without native bf16 gets float32)."""
+    from . import compute_dtype
+
+    if cfg.model.compute_dtype != "auto":
+        return cfg.model.compute_dtype
+    if device == "cuda":
+        return "bfloat16"
+    return compute_dtype.choose("auto", "cpu").name
+
+
+def _read_config_json(p: Path) -> dict:
+    """A model's config.json as a dict; a damaged one is a UserError naming file:line."""
+    from .errors import UserError
+
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})",
+                        hint="the model directory looks damaged; fix or fetch config.json again") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})",
+                        hint="the model directory looks damaged; fix or fetch config.json again") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: expected a JSON object, got {type(data).__name__}",
+                        hint="the model directory looks damaged; fix or fetch config.json again")
+    return data
 
 
 def model_config_for(spec: str, runs_dir: Path | None = None, run_name: str | None = None) -> tuple[dict, str]:
@@ -293,10 +380,10 @@ def model_config_for(spec: str, runs_dir: Path | None = None, run_name: str | No
     if runs_dir is not None and run_name:
         p = Path(runs_dir) / run_name / "base" / "config.json"
         if p.is_file():
-            return json.loads(p.read_text()), str(p)
+            return _read_config_json(p), str(p)
     local = Path(spec).expanduser()
     if local.is_dir() and (local / "config.json").is_file():
-        return json.loads((local / "config.json").read_text()), str(local / "config.json")
+        return _read_config_json(local / "config.json"), str(local / "config.json")
     try:
         from . import catalog
     except ImportError:
@@ -378,21 +465,36 @@ def plan_command(config: Path, budget: str = "16GB", overrides: list[str] | None
     """`ollama-ft plan`: breakdown table, go/no-go for the GPU budget (and RAM for merge/export), fixes."""
     from . import ui
     from .config import load_config
+    from .errors import UserError
 
     loaded = load_config(config, overrides)
     cfg = loaded.config
     budget_b = parse_size(budget)
     ram_b = parse_size(ram) if ram else None
     cfg_dict, source = model_config_for(cfg.model.base, Path(cfg.runs_dir), cfg.run_name)
-    dims = ModelDims.from_config(cfg_dict)
+    try:
+        dims = ModelDims.from_config(cfg_dict)
+    except KeyError as e:
+        raise UserError(f"{source}: no {e.args[0]!r}, which the plan needs to size the model",
+                        hint="a decoder config.json has hidden_size, num_attention_heads, num_hidden_layers, "
+                             "intermediate_size and vocab_size; fetch the model's config.json again") from None
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
+        raise UserError(f"{source}: cannot read the model dimensions ({type(e).__name__}: {e})",
+                        hint="hidden_size, num_attention_heads, num_hidden_layers, intermediate_size and "
+                             "vocab_size must be positive whole numbers") from None
     s = settings_from_config(cfg, device)
+    gc_note = ""
+    if cfg.training.gradient_checkpointing == "auto":
+        on, why = decide_checkpointing(dims, s, budget_b)
+        s = replace(s, gradient_checkpointing=on)
+        gc_note = f" (auto, {why})"
     b = estimate(dims, s)
 
     ui.out.print(f"[bold]{cfg.model.base}[/]: {dims.parameters / 1e9:.2f}B parameters, {dims.layers} layers, "
                  f"hidden {dims.hidden}, vocab {dims.vocab} [dim](from {source})[/]")
     ui.out.print(f"training: {'QLoRA NF4' if s.load_in_4bit else 'LoRA'} r={s.lora_r}, seq {s.seq_len} x micro-batch "
                  f"{s.micro_batch} (accumulation {s.accumulation}), optimizer {s.optimizer}, "
-                 f"checkpointing {'on' if s.gradient_checkpointing else 'off'}, loss chunk {s.loss_chunk}")
+                 f"checkpointing {'on' if s.gradient_checkpointing else 'off'}{gc_note}, loss chunk {s.loss_chunk}")
     rows = [[k, f"{v / GB:.2f}"] for k, v in b.train.items()]
     rows.append(["[bold]peak (training)[/]", f"[bold]{b.train_total / GB:.2f}[/]"])
     ui.table(f"training peak on {device.upper()} (GB)", ["component", "GB"], rows)
@@ -404,6 +506,15 @@ def plan_command(config: Path, budget: str = "16GB", overrides: list[str] | None
     ])
     for note in b.notes:
         ui.out.print(f"[dim]note: {note}[/]")
+    if device == "cpu":
+        dtype = _compute_dtype_name(cfg, "cpu")
+        gflops = measure_matmul_gflops(dtype)
+        share = 0.3
+        flops = train_flops_per_token(dims, s.gradient_checkpointing, share)
+        step_tokens = s.seq_len * s.micro_batch * s.accumulation
+        ui.out.print(f"time on this CPU: compute in {dtype} at {gflops:.1f} GFLOP/s (measured now) -> at most "
+                     f"{gflops * 1e9 / flops:.0f} tokens/s, {step_tokens * flops / (gflops * 1e9):.0f} s per full "
+                     f"step of {step_tokens} tokens [dim](FLOP bound; logits on {share:.0%} of tokens)[/]")
     go = b.train_total <= budget_b
     verdict = "[green]GO[/]" if go else "[red]NO-GO[/]"
     ui.out.print(f"{verdict}: training needs {b.train_total / GB:.1f} GB of a {budget_b / GB:.1f} GB budget "

@@ -47,19 +47,47 @@ def resolve_batching(batch_size: int, micro_batch_size: int | None, world: int =
     return micro, accum, micro * accum * world
 
 
+def compute_choice(cfg: RunConfig):
+    """The compute dtype for this config on this machine, with the reason (compute_dtype.ComputeDtype)."""
+    import torch
+
+    from . import compute_dtype
+
+    return compute_dtype.choose(cfg.model.compute_dtype, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_checkpointing(cfg: RunConfig, base_dir: Path, device: str) -> tuple[bool, str]:
+    """(gradient checkpointing on?, why): the config's value, or for "auto" the memory plan's decision."""
+    gc = cfg.training.gradient_checkpointing
+    if gc != "auto":
+        return bool(gc), "set by training.gradient_checkpointing"
+    import psutil
+
+    from .plan import ModelDims, decide_checkpointing, settings_from_config
+
+    try:
+        dims = ModelDims.from_config(json.loads((Path(base_dir) / "config.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return True, "on: no readable config.json to plan with"
+    if device == "cuda":
+        import torch
+
+        memory = float(torch.cuda.get_device_properties(0).total_memory)
+    else:
+        memory = float(psutil.virtual_memory().available)
+    return decide_checkpointing(dims, settings_from_config(cfg, device), memory)
+
+
+def _resolved_compute_dtype(cfg: RunConfig) -> str:
+    return compute_choice(cfg).name
+
+
 def pick_device_and_dtype(cfg: RunConfig):
     """(device, compute dtype, optimizer name) for this machine and config."""
     import torch
 
     cuda = torch.cuda.is_available()
-    if cfg.model.dtype != "auto":
-        dtype = getattr(torch, cfg.model.dtype)
-    elif cuda:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        # 4-bit compute runs in bf16 on CPU (bitsandbytes); a plain LoRA base stays fp32 on CPU,
-        # where fp32 matmuls are the fast path without AMX.
-        dtype = torch.bfloat16 if cfg.load_in_4bit else torch.float32
+    dtype = compute_choice(cfg).torch_dtype
     name = cfg.optimizer.name
     if name == "auto":
         name = "paged_adamw_8bit" if cuda else "adamw"
@@ -98,7 +126,7 @@ def load_model(cfg: RunConfig, base_dir: Path, device: str, dtype, local_rank: i
     # LoRA weights are fp32 anyway (peft's autocast_adapter_dtype) and the optimizer state follows them.
     for p in model.parameters():
         p.requires_grad_(False)
-    if cfg.training.gradient_checkpointing:
+    if resolve_checkpointing(cfg, base_dir, device)[0]:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
@@ -290,7 +318,7 @@ def _fingerprint(cfg: RunConfig, base_dir: Path, data_dir: Path) -> str:
         tr.pop(k, None)  # these do not change the trajectory
     payload = {"lora": cfg.lora.model_dump(mode="json"), "training": tr,
                "optimizer": cfg.optimizer.model_dump(mode="json"), "4bit": cfg.load_in_4bit,
-               "dtype": cfg.model.dtype}
+               "dtype": cfg.model.dtype, "compute_dtype": _resolved_compute_dtype(cfg)}
     for f in ("config.json", "ollama_ft_base.json"):
         if (Path(base_dir) / f).is_file():
             payload[f"base/{f}"] = sha256_file(Path(base_dir) / f)
@@ -306,12 +334,30 @@ def newest_checkpoint(checkpoints_dir: Path) -> Path | None:
     return max(cps, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):])) if cps else None
 
 
+def _read_checkpoint_fingerprint(fp_file: Path) -> str | None:
+    """The fingerprint the checkpoints were written for. An unreadable file is a UserError, not a silent
+    discard: the checkpoints may hold hours of training that only the user can judge."""
+    if not fp_file.is_file():
+        return None
+    try:
+        data = json.loads(fp_file.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not isinstance(data.get("fingerprint"), str):
+            raise ValueError("no \"fingerprint\" string in it")
+        return data["fingerprint"]
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        where = f"{fp_file}:{e.lineno}" if isinstance(e, json.JSONDecodeError) else str(fp_file)
+        raise UserError(f"{where}: checkpoint fingerprint is unreadable ({getattr(e, 'msg', e)}), so ollama-ft "
+                        f"cannot tell whether the checkpoints in {fp_file.parent} belong to this config",
+                        hint=f"to start training afresh, delete {fp_file.parent} (or re-run with --no-resume, "
+                             "which discards them); to keep them, restore fingerprint.json from a backup") from None
+
+
 def _prepare_checkpoints(checkpoints_dir: Path, fingerprint: str, resume: bool) -> Path | None:
     """The checkpoint to resume from, or None (stale or unwanted checkpoints are removed)."""
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     fp_file = checkpoints_dir / "fingerprint.json"
-    old = json.loads(fp_file.read_text()).get("fingerprint") if fp_file.is_file() else None
     newest = newest_checkpoint(checkpoints_dir)
+    old = _read_checkpoint_fingerprint(fp_file) if resume and newest is not None else None
     if resume and newest is not None and old == fingerprint:
         return newest
     if newest is not None:
@@ -376,6 +422,9 @@ def train_process(cfg: RunConfig, base_dir: Path, data_dir: Path, out: Path, che
         eval_ds = None
 
     device, dtype, optim = pick_device_and_dtype(cfg)
+    if is_main:
+        ui.info(f"compute dtype: {str(dtype).removeprefix('torch.')} ({compute_choice(cfg).reason}); "
+                f"gradient checkpointing {resolve_checkpointing(cfg, base_dir, device)[1]}")
     micro, accum, global_batch = resolve_batching(t.batch_size, t.micro_batch_size, world)
     if global_batch != t.batch_size and is_main:
         ui.warn(f"training.batch_size={t.batch_size} is not a multiple of micro batch {micro} x {world} "
@@ -497,13 +546,15 @@ def train_process(cfg: RunConfig, base_dir: Path, data_dir: Path, out: Path, che
             "hyperparameters": {
                 "quantization": "nf4+double-quant" if cfg.load_in_4bit else "none",
                 "compute_dtype": str(dtype).removeprefix("torch."), "device": device,
+                "compute_dtype_reason": compute_choice(cfg).reason,
                 "lora_r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout,
                 "target_modules": cfg.lora.target_modules, "learning_rate": t.learning_rate,
                 "lr_scheduler": t.lr_scheduler, "warmup_steps": warmup, "weight_decay": cfg.optimizer.weight_decay,
                 "max_grad_norm": t.max_grad_norm, "optimizer": optim, "global_batch": global_batch,
                 "micro_batch": micro, "gradient_accumulation": accum, "processes": world,
                 "packing": t.packing, "loss_chunk_size": t.loss_chunk_size,
-                "gradient_checkpointing": t.gradient_checkpointing, "seed": t.seed, "max_steps": total_steps,
+                "gradient_checkpointing": resolve_checkpointing(cfg, base_dir, device)[0],
+                "gradient_checkpointing_reason": resolve_checkpointing(cfg, base_dir, device)[1], "seed": t.seed, "max_steps": total_steps,
             },
             "steps": trainer.state.global_step,
             "epochs": round(trainer.state.epoch or 0.0, 4),

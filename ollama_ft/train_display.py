@@ -2,7 +2,8 @@
 
 The display is a Rich Live panel on ui.err (stderr): step, epoch, loss, learning rate, gradient
 norm, tokens/s, ETA, memory (VRAM on CUDA, RSS on CPU) and warnings when the gradient norm leaves
-0.1-5.0 or the loss swings by more than 5% over 10 steps. Without a terminal it prints one line
+0.1-5.0, the loss spreads more than 5% around its trend over 10 steps, or GPU memory leaves
+70-90% of the card. Without a terminal it prints one line
 every 10 logged steps instead.
 """
 
@@ -51,8 +52,33 @@ def _fmt_eta(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def training_warnings(grad_norm: float | None, recent_losses: list[float]) -> list[str]:
-    """Warnings for the current step (pure, so the thresholds are testable)."""
+def loss_volatility(losses: list[float]) -> float:
+    """Spread of the losses around their local trend (a quadratic fit over the window), relative to their
+    mean: residual std / mean.
+
+    A smoothly falling loss has a large max/min ratio but small residuals, so it is not volatile; a loss
+    that jumps step to step has large residuals whatever its trend.
+    """
+    import numpy as np
+
+    y = np.asarray(losses, dtype=float)
+    mean = float(y.mean())
+    if len(y) < 4 or mean <= 0:
+        return 0.0
+    x = np.arange(len(y), dtype=float)
+    trend = np.polyval(np.polyfit(x, y, 2), x)
+    return float(np.std(y - trend, ddof=3) / mean)
+
+
+MEMORY_SHARE_RANGE = (0.70, 0.90)  # the guides' target for GPU memory use against the budget
+
+
+def training_warnings(grad_norm: float | None, recent_losses: list[float],
+                      memory_share: float | None = None) -> list[str]:
+    """Warnings for the current step (pure, so the thresholds are testable).
+
+    memory_share: GPU memory in use / budget (None on CPU, where there is no budget to fill).
+    """
     out = []
     if grad_norm is not None and math.isfinite(grad_norm):
         lo, hi = GRAD_NORM_RANGE
@@ -63,10 +89,18 @@ def training_warnings(grad_norm: float | None, recent_losses: list[float]) -> li
     elif grad_norm is not None:
         out.append(f"gradient norm is {grad_norm}: training diverged")
     if len(recent_losses) >= SWING_WINDOW:
-        w = recent_losses[-SWING_WINDOW:]
-        mean = sum(w) / len(w)
-        if mean > 0 and (max(w) - min(w)) / mean > SWING_LIMIT:
-            out.append(f"loss swings {100 * (max(w) - min(w)) / mean:.0f}% over the last {SWING_WINDOW} steps")
+        vol = loss_volatility(recent_losses[-SWING_WINDOW:])
+        if vol > SWING_LIMIT:
+            out.append(f"loss is volatile: {100 * vol:.0f}% spread around its trend over the last "
+                       f"{SWING_WINDOW} steps (lower the learning rate or raise the batch size?)")
+    if memory_share is not None:
+        lo, hi = MEMORY_SHARE_RANGE
+        if memory_share > hi:
+            out.append(f"GPU memory at {100 * memory_share:.0f}% of the budget: close to out-of-memory "
+                       "(lower training.micro_batch_size or data.max_length)")
+        elif memory_share < lo:
+            out.append(f"GPU memory at {100 * memory_share:.0f}% of the budget: room for a larger "
+                       "training.micro_batch_size (faster)")
     return out
 
 
@@ -122,7 +156,11 @@ class MetricsCallback(TrainerCallback):
                        memory_kind=mem["kind"])
             self.losses.append(float(logs["loss"]))
             gn = logs.get("grad_norm")
-            self.warnings = training_warnings(float(gn) if gn is not None else None, list(self.losses))
+            share = None
+            if mem["kind"] == "vram":
+                total = torch.cuda.get_device_properties(0).total_memory
+                share = mem["peak"] / total if total else None
+            self.warnings = training_warnings(float(gn) if gn is not None else None, list(self.losses), share)
             if self.warnings:
                 rec["warnings"] = self.warnings
             done = state.global_step - self.step0

@@ -37,11 +37,14 @@ def success(msg: str) -> None:
 
 
 def print_error(message: str, hint: str | None = None, details: list[str] | None = None) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    from rich.markup import escape
+
+    # Messages and hints quote user values (paths, --set values, names): never read them as markup.
+    err.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False, markup=True, soft_wrap=True)
     for line in details or []:
         err.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
     if hint:
-        err.print(f"[dim]hint:[/] {hint}", highlight=False, soft_wrap=True)
+        err.print(f"[dim]hint:[/] {escape(str(hint))}", highlight=False, soft_wrap=True)
 
 
 def table(title: str | None, columns: list[str], rows: list[list[object]], console: Console | None = None) -> Table:

@@ -278,8 +278,35 @@ def test_warnings_thresholds():
     assert training_warnings(1.0, [1.0] * 10) == []
     assert "stalled" in training_warnings(0.05, [])[0]
     assert "unstable" in training_warnings(9.0, [])[0]
-    assert "swings" in training_warnings(1.0, [1.0] * 9 + [1.2])[0]
+    assert "volatile" in training_warnings(1.0, [1.0] * 5 + [1.2] + [1.0] * 4)[0]
+    assert "volatile" in training_warnings(1.0, [1.0, 1.1] * 5)[0]
     assert training_warnings(1.0, [1.0] * 9 + [1.04]) == []
+
+
+def test_falling_loss_is_trend_not_volatility():
+    """The loss that once warned "swings 92%": a smooth fall from 1.76 to 0.90 over 10 steps."""
+    import numpy as np
+
+    from ollama_ft.train_display import loss_volatility, training_warnings
+
+    smooth = list(np.linspace(1.76, 0.90, 10))
+    assert training_warnings(1.0, smooth) == []
+    curved = [0.9 + 0.86 * np.exp(-k / 3) for k in range(10)]  # decaying, not linear
+    assert training_warnings(1.0, curved) == []
+    rng = np.random.default_rng(0)
+    jumpy = list(np.linspace(1.5, 1.0, 10) * (1 + rng.choice([-0.15, 0.15], 10)))
+    warns = training_warnings(1.0, jumpy)
+    assert len(warns) == 1 and "volatile" in warns[0]
+    assert loss_volatility(jumpy) > 0.05 > loss_volatility(smooth)
+
+
+def test_gpu_memory_share_warnings():
+    from ollama_ft.train_display import training_warnings
+
+    assert training_warnings(1.0, [], memory_share=0.8) == []
+    assert "close to out-of-memory" in training_warnings(1.0, [], memory_share=0.95)[0]
+    assert "room for a larger" in training_warnings(1.0, [], memory_share=0.4)[0]
+    assert training_warnings(1.0, [], memory_share=None) == []
 
 
 @pytest.mark.slow
