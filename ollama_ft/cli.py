@@ -58,6 +58,32 @@ def _main(
 
         typer.echo(f"ollama-ft {__version__}")
         raise typer.Exit(0)
+    if "--help" not in sys.argv[1:]:
+        _check_environment()
+
+
+def _check_environment() -> None:
+    """ollama-ft's own environment settings, checked before any work (not deep inside a stage)."""
+    for var in ("OLLAMA_FT_PROOF_RAM_BYTES", "OLLAMA_FT_CONVERT_CHUNK_BYTES"):
+        raw = os.environ.get(var)
+        if raw and not (raw.strip().replace("_", "").isdigit() and int(raw.strip().replace("_", "")) > 0):
+            raise UserError(f"{var}={raw!r} is not a positive whole number of bytes",
+                            hint=f"write bytes, e.g. {var}=16000000000 for 16 GB, or unset it (`unset {var}`)")
+    raw = os.environ.get("OLLAMA_FT_CACHE")
+    if raw:
+        p = Path(raw).expanduser()
+        if p.exists() and not p.is_dir():
+            raise UserError(f"OLLAMA_FT_CACHE={raw!r} is not a directory",
+                            hint="point OLLAMA_FT_CACHE at a directory (it is created if missing), or unset it")
+    if os.environ.get("OLLAMA_HOST", "").strip():
+        # The ollama package parses $OLLAMA_HOST when it is imported, and raises a bare ValueError.
+        from .ollama_api import resolve_host
+
+        try:
+            resolve_host(None)
+        except UserError as e:
+            raise UserError(f"OLLAMA_HOST: {e.message}", hint=e.hint or "unset OLLAMA_HOST to use "
+                            "http://127.0.0.1:11434") from None
 
 
 # ------------------------------------------------------------------------------------------

@@ -269,7 +269,8 @@ def load_yaml_with_lines(text: str, source: str) -> tuple[dict[str, Any], dict[t
     except RecursionError:  # an alias that contains itself (&a [*a])
         raise UserError(f"{source}: a YAML alias refers to itself", hint="remove the recursive anchor/alias") from None
     if not isinstance(data, dict):
-        raise UserError(f"{source}:1: a config must be a mapping of sections, got {type(data).__name__}")
+        raise UserError(f"{source}:1: a config must be a mapping of sections, got {type(data).__name__}",
+                        hint="start from configs/demo.yaml: sections like `model:`, `data:`, `training:`")
     return data, lines
 
 
@@ -339,7 +340,7 @@ def _parse_override(item: str) -> tuple[tuple[str, ...], Any]:
     key, raw = item.split("=", 1)
     path = tuple(p for p in key.strip().split(".") if p)
     if not path:
-        raise UserError(f"--set '{item}': empty key")
+        raise UserError(f"--set '{item}': empty key", hint="e.g. --set training.epochs=2")
     try:
         value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
     except (yaml.YAMLError, ValueError, TypeError, OverflowError) as e:
@@ -405,7 +406,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         try:
             text = p.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as e:
-            raise UserError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise UserError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})",
+                            hint="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t UTF-8`)") from None
         data, lines = load_yaml_with_lines(text, source)
     sources = {".".join(map(str, k)): f"{source}:{lines.get(k, '?')}" for k in _flatten(data) if k}
     for item in overrides or []:
@@ -433,9 +435,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         for ppath, msg in sorted(problems, key=lambda x: _line_for(x[0], lines) or 0):
             line = _line_for(ppath, lines)
             where = f"{source}:{line}" if line and p else source
+            for n in range(len(ppath), 0, -1):  # a value given with --set is located by that --set
+                given = sources.get(".".join(map(str, ppath[:n])), "")
+                if given.startswith("--set "):
+                    where = given
+                    break
             details.append(f"{where}: {msg}")
-        raise UserError(f"{source}: {len(problems)} problem(s) in the config", details=details,
-                        hint="fix the keys above; `ollama-ft train --help` lists the sections")
+        hint = "fix the keys above; `ollama-ft train --help` lists the sections"
+        if len(details) == 1:  # one problem: the red line itself names it
+            raise UserError(details[0], hint=hint.replace("keys above", "key"))
+        raise UserError(f"{source}: {len(problems)} problem(s) in the config", details=details, hint=hint)
     assert config is not None
     if config.name is None:
         config.name = p.stem if p else "run"

@@ -632,8 +632,8 @@ def validate_command(path: Path | str, format: str = "auto", show: int = 20) -> 
     if report.errors:
         dropped = sum(report.dropped.values())
         first = next((prob for prob in report.problems if prob.severity == "error"), None)
-        at = f" (first at {first.location()}: {first.message})" if first else ""
-        raise UserError(f"{p}: {report.errors} problem(s){at}; {dropped} of {report.rows} records would be dropped",
+        at = f"; first: {first.location()}: {first.message}" if first else ""
+        raise UserError(f"{p}: {report.errors} problem(s); {dropped} of {report.rows} records would be dropped{at}",
                         hint="fix the places listed above; `data prepare` skips and counts such records")
     if report.records == 0:
         raise UserError(f"{p}: no records found", hint="give a file with records (jsonl, json, csv, parquet, txt)")

@@ -431,7 +431,7 @@ def parse_file(path: str | Path) -> Modelfile:
     try:
         data = p.read_bytes()
     except OSError as e:
-        raise UserError(f"cannot read Modelfile {p}: {e.strerror}") from None
+        raise UserError(f"cannot read Modelfile {p}: {e.strerror}", hint="check the path and its permissions") from None
     try:
         return parse(data)
     except ModelfileError as e:

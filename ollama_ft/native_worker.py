@@ -126,8 +126,8 @@ class Contained:
         try:
             self._conn.send(("call", method, args, kwargs))
         except (BrokenPipeError, OSError):
-            raise self._died(method) from None
-        return self._receive(method)[1]
+            raise self._died(f"running {method}()") from None
+        return self._receive(f"running {method}()")[1]
 
     def set(self, attr: str, value: Any) -> None:
         self._conn.send(("set", attr, (value,), {}))
@@ -136,7 +136,7 @@ class Contained:
     def stream(self, method: str, *args: Any, **kwargs: Any) -> Iterator[Any]:
         self._conn.send(("stream", method, args, kwargs))
         while True:
-            msg = self._receive(method)
+            msg = self._receive(f"running {method}()")
             if msg[0] == "item":
                 yield msg[1]
             else:

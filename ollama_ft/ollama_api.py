@@ -46,14 +46,19 @@ def resolve_host(host: str | None) -> str:
                         hint="use http://HOST:PORT, e.g. http://127.0.0.1:11434")
     hostport, _, path = rest.partition("/")
     default_port = DEFAULT_PORT if not sep else (443 if scheme == "https" else 80)
+    if hostport.startswith("[") and "]" not in hostport:
+        raise UserError(f"Ollama host {raw!r} has an unclosed IPv6 bracket", hint="e.g. http://[::1]:11434")
     if hostport.startswith("["):  # IPv6 literal
         end = hostport.find("]")
         h, port = hostport[: end + 1], hostport[end + 2:] if hostport[end + 1:end + 2] == ":" else ""
     else:
         h, _, port = hostport.partition(":")
     h = h or "127.0.0.1"
-    if port and not port.isdigit():
-        raise UserError(f"Ollama host {raw!r} has an invalid port {port!r}", hint="e.g. http://127.0.0.1:11434")
+    if (port and not (port.isdigit() and 0 < int(port) < 65536)) or (h.startswith("[") and not h.endswith("]")):
+        what = f"an invalid port {port!r}" if port else "an unclosed IPv6 bracket"
+        raise UserError(f"Ollama host {raw!r} has {what}", hint="e.g. http://127.0.0.1:11434")
+    if any(c.isspace() for c in h):
+        raise UserError(f"Ollama host {raw!r} has a space in the host name", hint="e.g. http://127.0.0.1:11434")
     url = f"{scheme}://{h}:{port or default_port}"
     path = path.strip("/")
     return f"{url}/{path}" if path else url

@@ -168,7 +168,8 @@ def parse_name(s: str) -> ModelName:
             raise UserError(f"invalid model name {raw!r}: {part} {str(value)!r} is not valid; {_rule_text(part)}",
                             hint=hint)
     if scheme and scheme.lower() not in ("http", "https"):
-        raise UserError(f"invalid model name {raw!r}: scheme {scheme!r} must be http or https")
+        raise UserError(f"invalid model name {raw!r}: scheme {scheme!r} must be http or https",
+                        hint="write `[host/namespace/]model[:tag]`, e.g. `my-model:v1`")
     return ModelName(host=str(filled["host"]), namespace=str(filled["namespace"]), model=str(filled["model"]),
                      tag=str(filled["tag"]), scheme=scheme)
 
@@ -336,7 +337,11 @@ def gguf_facts(path: Path | str) -> dict[str, Any]:
     """
     from gguf import GGUFReader, GGUFValueType
 
-    r = GGUFReader(str(path), "r")
+    try:
+        r = GGUFReader(str(path), "r")
+    except Exception as e:  # the reader raises ValueError/IndexError/... for a truncated or damaged file
+        raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})",
+                        hint="the file is truncated or damaged: export or download it again") from None
     kv: dict[str, Any] = {}
     for f in r.fields.values():
         if f.name.startswith("GGUF."):
@@ -505,7 +510,8 @@ class Store:
         try:
             return json.loads(data), data
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}: manifest is not valid JSON ({e.msg})") from None
+            raise UserError(f"{path}: manifest is not valid JSON ({e.msg})",
+                            hint="the store entry is damaged: re-pull or re-register that model") from None
 
     def manifest_digest(self, name: ModelName | str) -> str:
         """Hex sha256 of the manifest file bytes: the model ID Ollama shows (no prefix)."""

@@ -164,10 +164,19 @@ class Run:
         if not self.manifest_path.exists():
             return {"run": self.root.name, "stages": {}}
         try:
-            return json.loads(self.manifest_path.read_text())
+            m = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise UserError(f"{self.manifest_path}:{e.lineno}: manifest is not valid JSON ({e.msg})",
                             hint="delete it to rebuild every stage, or restore it from backup") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"{self.manifest_path}: manifest is not UTF-8 text ({e.reason} at byte {e.start})",
+                            hint="delete it to rebuild every stage, or restore it from backup") from None
+        if not (isinstance(m, dict) and isinstance(m.get("stages", {}), dict)
+                and all(isinstance(v, dict) for v in m.get("stages", {}).values())):
+            raise UserError(f"{self.manifest_path}: not an ollama-ft manifest (expected an object with \"stages\")",
+                            hint="delete it to rebuild every stage, or restore it from backup")
+        m.setdefault("stages", {})
+        return m
 
     def save_manifest(self, manifest: dict[str, Any]) -> None:
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")

@@ -641,6 +641,11 @@ def _check_weights_and_code(d: Path, trust_remote_code: bool, what: str) -> dict
         raise UserError(f"{what} has no *.safetensors weights" + (" (only pickled .bin/.pth files)" if has_bin else ""),
                         hint="ollama-ft loads safetensors only (pickled weights can run code); convert the "
                         "checkpoint with transformers' save_pretrained(safe_serialization=True)")
+    tokenizer_files = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+    if not any((d / f).is_file() for f in tokenizer_files) and not list(d.glob("*.tiktoken")):
+        raise UserError(f"{what} has no tokenizer (none of {', '.join(tokenizer_files)}, *.tiktoken)",
+                        hint="copy the model's tokenizer files beside config.json (tokenizer.save_pretrained(DIR) "
+                             "writes them)")
     arch = (cfg.get("architectures") or [None])[0]
     auto_map = cfg.get("auto_map") or {}
     if auto_map and not trust_remote_code:
@@ -713,7 +718,11 @@ def gguf_info(path: Path) -> dict[str, Any]:
     from .ollama_store import FILE_TYPES
 
     with ui.status(f"reading GGUF metadata of {Path(path).name}"):
-        reader = GGUFReader(str(path), "r")
+        try:
+            reader = GGUFReader(str(path), "r")
+        except Exception as e:  # the reader raises ValueError/IndexError/... for a truncated or damaged file
+            raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})",
+                            hint="the file is truncated or damaged: download or export it again") from None
 
     def scalar(name: str) -> Any:
         f = reader.fields.get(name)

@@ -40,11 +40,13 @@ def print_error(message: str, hint: str | None = None, details: list[str] | None
     from rich.markup import escape
 
     # Messages and hints quote user values (paths, --set values, names): never read them as markup.
-    err.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False, markup=True, soft_wrap=True)
+    # (emoji=False: a name like 'a:b:c' must not print as 'a🅱c')
+    err.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False, markup=True, soft_wrap=True,
+              emoji=False)
     for line in details or []:
-        err.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
+        err.print(f"  {line}", highlight=False, markup=False, soft_wrap=True, emoji=False)
     if hint:
-        err.print(f"[dim]hint:[/] {escape(str(hint))}", highlight=False, soft_wrap=True)
+        err.print(f"[dim]hint:[/] {escape(str(hint))}", highlight=False, soft_wrap=True, emoji=False)
 
 
 def table(title: str | None, columns: list[str], rows: list[list[object]], console: Console | None = None) -> Table:

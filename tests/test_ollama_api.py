@@ -500,7 +500,12 @@ def test_run_command_through_ollama_and_local(fake_ollama, tiny_gguf, tmp_path, 
         ollama_api.run_command("tiny-chat", "hello", host=_dead_url())
     assert "ollama serve" in ei.value.hint and "--local" in ei.value.hint
     local = ollama_api.run_command(str(run.root), "hello", local=True, max_tokens=8)
-    assert local.strip() and local in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert local.strip() and local in out.out
+    # llama.cpp runs in a child whose native log goes to the run's logs/, not into the answer
+    for stream in (out.out, out.err):
+        assert "llama_" not in stream and "load_tensors" not in stream
+    assert (run.root / "logs" / "llama.log").is_file()
 
 
 # -------------------------------------------------------------------------------------------
