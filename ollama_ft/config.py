@@ -441,10 +441,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
                     where = given
                     break
             details.append(f"{where}: {msg}")
-        hint = "fix the keys above; `ollama-ft train --help` lists the sections"
-        if len(details) == 1:  # one problem: the red line itself names it
-            raise UserError(details[0], hint=hint.replace("keys above", "key"))
-        raise UserError(f"{source}: {len(problems)} problem(s) in the config", details=details, hint=hint)
+        raise UserError(f"{source}: {len(problems)} problem(s) in the config", details=details,
+                        hint="fix the keys above; `ollama-ft train --help` lists the sections")
     assert config is not None
     if config.name is None:
         config.name = p.stem if p else "run"

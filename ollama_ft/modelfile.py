@@ -720,6 +720,24 @@ def _fidelity_error(rep, where: str) -> UserError:
              "with a hand-written TEMPLATE")
 
 
+VERSION_DEPENDENT_DEFAULTS = {"repeat_penalty": 1.0}
+
+
+def think_filter_applies(model_name: str, architecture_family: str | None = None) -> bool:
+    """Whether Ollama rewrites earlier assistant turns for this model (server/routes.go filterThinkTags):
+    it does for a model whose name (without host, namespace and tag) is exactly `deepseek-r1`, and for
+    the qwen3 architecture."""
+    bare = model_name.rsplit("/", 1)[-1].split(":", 1)[0].lower()
+    return bare == "deepseek-r1" or (architecture_family or "") == "qwen3"
+
+
+def warn_think_filter(model_name: str, family: str) -> None:
+    if think_filter_applies(model_name):
+        ui.warn(f"Ollama treats a model named {model_name!r} as deepseek-r1: it cuts earlier assistant turns to "
+                "the text after </think> and strips their leading whitespace, which training did not do, so "
+                f"multi-turn prompts would differ from training; name it e.g. {model_name.split(':')[0]}-tuned")
+
+
 def build_modelfile(cfg, run, out: Path) -> dict[str, Any]:
     """Stage `modelfile`: write out/Modelfile (FROM ../gguf/<file>) and modelfiles/<name>.Modelfile
     (relative to the current directory), after proving the TEMPLATE matches the training template."""
@@ -741,6 +759,11 @@ def build_modelfile(cfg, run, out: Path) -> dict[str, Any]:
             raise UserError(f"ollama.parameters.{k}: {e.message}", hint=e.hint) from None
     # The family's turn markers always stop generation; user stops come on top.
     params["stop"] = list(dict.fromkeys([*plan.family.stop, *params["stop"]]))
+    # Defaults that differ between Ollama versions are written out, so every version decodes alike and as
+    # `eval` scored it (llama.cpp, no repeat penalty): v0.24.0 defaults repeat_penalty to 1.1, later ones 1.0.
+    for k, v in VERSION_DEPENDENT_DEFAULTS.items():
+        params.setdefault(k, format_parameter(k, v))
+    warn_think_filter(name, plan.family.name)
     licenses = []
     meta = run.root / "base" / "ollama_ft_base.json"
     if meta.is_file():

@@ -270,8 +270,9 @@ def test_build_modelfile_on_a_fake_run(fake_run, tmp_path):
     # The tiny tokenizer adds BOS and so does the GGUF: the TEMPLATE must not write it.
     assert mf.template == ct.get_family("chatml").go_template
     assert mf.system == "You are a clinic assistant." and mf.license == ["Apache-2.0"]
+    # repeat_penalty is written out: Ollama v0.24.0 defaults it to 1.1, later versions (and eval) use 1.0
     assert mf.parameters == {"stop": ["<|im_start|>", "<|im_end|>", "###"], "temperature": ["0.7"],
-                             "num_ctx": ["2048"]}
+                             "num_ctx": ["2048"], "repeat_penalty": ["1.0"]}
     # `ollama create -f modelfiles/mymodel.Modelfile` and the run's Modelfile make the same request.
     a = mf.to_create_request(shared.parent).fields
     b = in_run.to_create_request(run.root / "modelfile").fields
@@ -388,3 +389,13 @@ def test_build_modelfile_dated_llama32_uses_the_training_day(fake_run, tiny_toke
     (run.root / "data" / "train.parquet").unlink()
     with pytest.raises(UserError, match="could not be read back"):
         build_modelfile(cfg, run, run.root / ".mf")
+
+
+def test_think_filter_names_are_recognised_like_ollama():
+    from ollama_ft.modelfile import think_filter_applies
+
+    for name in ("deepseek-r1", "deepseek-r1:7b", "team/deepseek-r1:latest", "host:5000/x/deepseek-r1:1"):
+        assert think_filter_applies(name), name
+    for name in ("deepseek-r1-7b", "my-r1", "deepseek-r1x:7b"):
+        assert not think_filter_applies(name), name
+    assert think_filter_applies("anything", "qwen3")
