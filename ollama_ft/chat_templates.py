@@ -525,6 +525,11 @@ CONVERSATIONS: tuple[Conversation, ...] = (
           ("user", "How are you?")),
     _conv("prefill of the assistant turn", ("system", "Be helpful."), ("user", "List three colours."),
           ("assistant", "1. Red\n2.")),
+    # What Ollama sends the TEMPLATE when a chat outgrows num_ctx: it drops the oldest messages but keeps
+    # system ones (server/prompt.go), so the history can start with an assistant turn.
+    _conv("history after truncation",
+          ("system", "Answer from the clinic protocols."), ("assistant", "The ward opens at 7:40."),
+          ("user", "And when does it close?"), ("assistant", "At 18:20."), ("user", "Thanks. Saturdays?")),
     _conv("long multi-line content",
           ("user", "Format this:\n```python\ndef f(x):\n    return x * 2\n```\n" + "word " * 200),
           ("assistant", "Done:\n\n```python\ndef f(x):\n    return 2 * x\n```"), ("user", "Thanks!")),
@@ -755,7 +760,8 @@ def tokenizer_adds_bos(tokenizer) -> bool:
 
 def check_fidelity(source: str, go_template: str, conversations: list[Conversation] | tuple[Conversation, ...] | None = None,
                    tokenizer=None, *, bos_token: str | None = None, eos_token: str | None = None,
-                   add_bos: bool | None = None, jinja_kwargs: dict[str, Any] | None = None) -> FidelityReport:
+                   add_bos: bool | None = None, jinja_kwargs: dict[str, Any] | None = None,
+                   render_served=None) -> FidelityReport:
     """Render every conversation with the training template (`source`: a family name or jinja text) and
     with the Go TEMPLATE, and compare what the model is fed.
 
@@ -763,6 +769,9 @@ def check_fidelity(source: str, go_template: str, conversations: list[Conversati
     BOS only when the template did not write it. Ollama side: the Go render; llama.cpp adds BOS when the
     GGUF says so (`add_bos`, default: what the tokenizer does, else the family's convention). Strings are
     compared with those BOS texts, token ids (when a tokenizer is given) with those BOS ids.
+
+    render_served: what renders the served side, given [(messages, system)] -> [text | Exception]; default
+    the Go TEMPLATE through Go's text/template (a real Ollama server's `_debug_render_only` in tests).
     """
     fam = None
     if source in _FAMILIES or source in _ALIASES:
@@ -786,7 +795,10 @@ def check_fidelity(source: str, go_template: str, conversations: list[Conversati
     if jinja_kwargs is None:  # a family's own template is checked with its pinned variables
         jinja_kwargs = fam.detect_kwargs if fam is not None and source == fam.jinja else {}
     kwargs = dict(jinja_kwargs)
-    go_out = render_go_batch(go_template, [(c.as_dicts(), c.system) for c in convs])
+    if render_served is None:
+        def render_served(batch):
+            return render_go_batch(go_template, batch)
+    go_out = render_served([(c.as_dicts(), c.system) for c in convs])
     results = []
     for conv, go_text in zip(convs, go_out, strict=True):
         msgs = ollama_view(conv)

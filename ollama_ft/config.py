@@ -124,19 +124,8 @@ class OllamaSettings(_Section):
     system: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     quant: str | None = Field(None, description="Which exported GGUF to register (default: the first of export.quants)")
-
-    @field_validator("name", "tag")
-    @classmethod
-    def _valid_ollama_name(cls, v: str | None, info) -> str | None:
-        # Checked here, not hours later at `register`: Ollama refuses names like 'Bad Name!' or 'a:b:c'.
-        if v is not None:
-            from .ollama_store import parse_name
-
-            try:
-                parse_name(v if info.field_name == "name" else f"model:{v}")
-            except UserError as e:
-                raise ValueError(e.message.replace("invalid model name 'model:", "invalid tag '")) from None
-        return v
+    verify_prompt: bool = Field(True, description="After registering, ask the server for the prompt it would run "
+                                "(_debug_render_only) and fail unless it equals the training render")
 
 
 class PublishSettings(_Section):
@@ -430,6 +419,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             val = err.get("input")
             shown = f" (got {val!r})" if not isinstance(val, dict) and val is not None else ""
             problems.append((loc, f"'{'.'.join(map(str, loc)) or '<top>'}': {err['msg']}{shown}"))
+    if config is not None:
+        problems.extend(_ollama_name_problems(config))
     if problems:
         details = []
         for ppath, msg in sorted(problems, key=lambda x: _line_for(x[0], lines) or 0):
@@ -448,6 +439,23 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         config.name = p.stem if p else "run"
         sources["name"] = f"file name of {source}"
     return LoadedConfig(config, sources, p)
+
+
+def _ollama_name_problems(config: RunConfig) -> list[tuple[tuple, str]]:
+    """ollama.name / ollama.tag checked when the config is loaded, not hours later at `register`:
+    Ollama refuses names like 'Bad Name!' or 'a:b:c'."""
+    from .ollama_store import parse_name
+
+    out = []
+    for key, value in (("name", config.ollama.name), ("tag", config.ollama.tag)):
+        if value is None:
+            continue
+        try:
+            parse_name(value if key == "name" else f"model:{value}")
+        except UserError as e:
+            msg = e.message.replace("invalid model name 'model:", "invalid tag '")
+            out.append((("ollama", key), f"'ollama.{key}': {msg} (got {value!r})"))
+    return out
 
 
 def _drop_paths(data: dict, paths: list[tuple]) -> dict:

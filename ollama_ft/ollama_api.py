@@ -235,6 +235,7 @@ def register_run(cfg, run, host: str, gate_force: bool = False) -> dict[str, Any
         uploaded, skipped = _sync_blobs(http, local, host, name, modelfile_path)
         statuses = create_model(client, name, req)
         verify = _verify(http, client, name, req)
+        verify["served_prompt"] = verify_served_prompt(http, name.display, req, required=cfg.ollama.verify_prompt)
         digest = _manifest_digest(client, name)
     except (httpx.ConnectError, httpx.ConnectTimeout, ConnectionError):
         raise _unreachable(host, name.display, modelfile_path) from None
@@ -455,6 +456,55 @@ def _verify(http, client, name: ModelName, req: dict[str, Any]) -> dict[str, Any
         "chat_done_reason": resp.done_reason,
         "chat_seconds": round(time.time() - t0, 2),
     }
+
+
+def served_prompt(http, model: str, messages: list[dict[str, str]], options: dict[str, Any] | None = None) -> str | None:
+    """The exact prompt the server would run for `messages` (after its SYSTEM injection, think-tag
+    filter and num_ctx truncation): `/api/chat` with `_debug_render_only`. None when the server does not
+    report it (older versions, or servers that ignore the field)."""
+    body: dict[str, Any] = {"model": model, "messages": messages, "stream": False, "_debug_render_only": True}
+    if options:
+        body["options"] = options
+    r = http.post("/api/chat", json=body)
+    if r.status_code != 200:
+        raise _http_error(f"/api/chat (_debug_render_only) for {model}", r.status_code, r.text)
+    info = (r.json() or {}).get("_debug_info") or {}
+    text = info.get("rendered_template")
+    return text if isinstance(text, str) else None
+
+
+def verify_served_prompt(http, model: str, req: dict[str, Any], required: bool = True) -> dict[str, Any]:
+    """The server's own render of a multi-turn sample conversation must equal the training render (the Go
+    TEMPLATE render the modelfile stage proved equal to the HF chat template). A difference fails
+    registration unless ollama.verify_prompt is false."""
+    from .chat_templates import CONVERSATIONS, render_go
+
+    template = req.get("template")
+    if not template:
+        return {"checked": False, "why": "no TEMPLATE in the Modelfile"}
+    conv = next(c for c in CONVERSATIONS if c.name == "multi-turn with system")
+    messages = conv.as_dicts()
+    served = served_prompt(http, model, messages)
+    if served is None:
+        ui.warn(f"the server did not report the prompt it renders for {model} (no _debug_render_only); "
+                "the served prompt is unchecked")
+        return {"checked": False, "why": "server does not support _debug_render_only"}
+    try:
+        expected = render_go(template, messages, system=req.get("system"))
+    except UserError as e:
+        return {"checked": False, "why": e.message}
+    if served != expected:
+        from .chat_templates import _first_diff
+
+        msg = (f"Ollama renders a different prompt for {model} than training did "
+               f"({_first_diff(expected, served)})")
+        if required:
+            raise UserError(msg, hint="this server version renders the TEMPLATE differently; report it, or set "
+                                      "ollama.verify_prompt=false (--set) to register anyway")
+        ui.warn(msg)
+        return {"checked": True, "equal": False}
+    ui.success(f"verified: the server's prompt for a {len(messages)}-message conversation equals the training render")
+    return {"checked": True, "equal": True, "conversation": conv.name, "characters": len(served)}
 
 
 def _manifest_digest(client, name: ModelName) -> str:

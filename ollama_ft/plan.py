@@ -356,21 +356,10 @@ def _compute_dtype_name(cfg, device: str) -> str:
 
 
 def _read_config_json(p: Path) -> dict:
-    """A model's config.json as a dict; a damaged one is a UserError naming file:line."""
-    from .errors import UserError
+    """A model's config.json as a dict; a damaged one is a UserError naming file:line (sources' reader)."""
+    from .sources import _read_json
 
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})",
-                        hint="the model directory looks damaged; fix or fetch config.json again") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})",
-                        hint="the model directory looks damaged; fix or fetch config.json again") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{p}: expected a JSON object, got {type(data).__name__}",
-                        hint="the model directory looks damaged; fix or fetch config.json again")
-    return data
+    return _read_json(p)
 
 
 def model_config_for(spec: str, runs_dir: Path | None = None, run_name: str | None = None) -> tuple[dict, str]:

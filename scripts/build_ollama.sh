@@ -91,8 +91,11 @@ trap cleanup EXIT
 
 # ---- module source -------------------------------------------------------------------------------
 log "go mod download $MODULE@$OLLAMA_VERSION"
-MOD_JSON="$(cd "$WORK" && GOFLAGS= go mod download -json "$MODULE@$OLLAMA_VERSION" 2>&1)" ||
-    die "go mod download $MODULE@$OLLAMA_VERSION failed: $(tr '\n' ' ' <<<"$MOD_JSON" | cut -c1-300)"
+MOD_JSON="$(cd "$WORK" && GOFLAGS= go mod download -json "$MODULE@$OLLAMA_VERSION" 2>&1)" || {
+    REASON="$(sed -n 's/^[[:space:]]*"Error": "\(.*\)",\{0,1\}$/\1/p' <<<"$MOD_JSON" | head -n1)"
+    [ -n "$REASON" ] || REASON="$(tr '\n' ' ' <<<"$MOD_JSON")"
+    die "go mod download $MODULE@$OLLAMA_VERSION failed: $(sed 's/\\[nt]/ /g' <<<"$REASON" | cut -c1-300)"
+}
 MOD_DIR="$(sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p' <<<"$MOD_JSON" | head -n1)"
 [ -n "$MOD_DIR" ] && [ -f "$MOD_DIR/go.mod" ] || die "go mod download gave no module directory"
 
@@ -126,10 +129,12 @@ export CGO_ENABLED=1 CC="$CC_BIN" CXX="$CXX_BIN"
 export CGO_CFLAGS="-O2" CGO_CPPFLAGS="" CGO_CXXFLAGS="-O2" CGO_LDFLAGS="-O2"
 export GOFLAGS="-mod=mod"
 unset GOARCH GOOS || true
-LDFLAGS="-w -s -X=$MODULE/version.Version=$VERSION_NUM -X=$MODULE/server.mode=release"
+# Release-mode flags as in Ollama's scripts/env.sh; an empty -buildid keeps the bytes independent of
+# the temporary build directory (with -trimpath).
+LDFLAGS="-w -s -buildid= -X=$MODULE/version.Version=$VERSION_NUM -X=$MODULE/server.mode=release"
 TMP_BIN="$DEST_DIR/bin/.ollama.tmp.$$"
 
-log "building ollama $OLLAMA_VERSION (cgo CPU build; 10+ minutes on 2 cores), log: $LOG"
+log "building ollama $OLLAMA_VERSION (cgo CPU build; about 4-5 minutes on 2 cores), log: $LOG"
 START=$(date +%s)
 if ! (cd "$SRC" && go mod download && go build -trimpath -ldflags "$LDFLAGS" -o "$TMP_BIN" .) >"$LOG" 2>&1; then
     tail -n 30 "$LOG" >&2 || true

@@ -97,3 +97,20 @@ def fake_ollama(tmp_path):
 
     with running_fake_ollama(tmp_path / "ollama-models") as fake:
         yield fake
+
+
+@pytest.fixture(scope="session")
+def real_ollama(tmp_path_factory):
+    """The real Ollama server (built by `make ollama` from its Go module) on a free loopback port with its
+    own store; one per test session. Skips with the reason where it is not built, unless
+    OLLAMA_FT_REQUIRE_OLLAMA=1 (CI), where a missing server is a failure."""
+    from tests.real_ollama import find_ollama_binary, running_ollama
+
+    binary = find_ollama_binary()
+    if binary is None:
+        msg = "no real Ollama binary: run `make ollama` (builds it from its Go module; needs Go and a C compiler)"
+        if os.environ.get("OLLAMA_FT_REQUIRE_OLLAMA") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    with running_ollama(binary, tmp_path_factory.mktemp("real-ollama")) as server:
+        yield server
