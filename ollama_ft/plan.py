@@ -20,7 +20,6 @@ Tolerances against measurements are stated in tests/test_plan.py and docs/traini
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field, replace

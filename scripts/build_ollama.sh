@@ -99,6 +99,12 @@ MOD_JSON="$(cd "$WORK" && GOFLAGS= go mod download -json "$MODULE@$OLLAMA_VERSIO
 MOD_DIR="$(sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p' <<<"$MOD_JSON" | head -n1)"
 [ -n "$MOD_DIR" ] && [ -f "$MOD_DIR/go.mod" ] || die "go mod download gave no module directory"
 
+# __DATE__/__TIME__ in the C sources (GCC reads SOURCE_DATE_EPOCH): the release's own time, so two
+# builds of one version are byte-identical.
+INFO_FILE="$(sed -n 's/^[[:space:]]*"Info": "\(.*\)",\{0,1\}$/\1/p' <<<"$MOD_JSON" | head -n1)"
+MOD_TIME="$(sed -n 's/.*"Time":"\([^"]*\)".*/\1/p' "$INFO_FILE" 2>/dev/null | head -n1)"
+export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(date -u -d "${MOD_TIME:-1970-01-01T00:00:00Z}" +%s 2>/dev/null || echo 0)}"
+
 SRC="$WORK/ollama"
 cp -R "$MOD_DIR" "$SRC"
 chmod -R u+w "$SRC"

@@ -34,33 +34,6 @@ def _fixture(chat_templates_dir, stem: str) -> str:
     return (chat_templates_dir / f"{stem}.jinja").read_text(encoding="utf-8")
 
 
-@pytest.fixture(scope="session")
-def family_tokenizers(tiny_tokenizer_dir):
-    """The tiny SentencePiece tokenizer, per family given the family's special tokens as single tokens
-    and its BOS convention, so token ids are compared on realistic token boundaries."""
-    from transformers import AutoTokenizer
-
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            fam = ct.get_family(name)
-            tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
-            texts = set(fam.stop) | {fam.bos_token or "", fam.eos_token or ""} | set(fam.markers)
-            specials = sorted(t for t in texts if re.fullmatch(r"<[^<>\s]+>", t))
-            extra = {"additional_special_tokens": specials}
-            if fam.bos_token:
-                extra["bos_token"] = fam.bos_token
-            if fam.eos_token:
-                extra["eos_token"] = fam.eos_token
-            tok.add_special_tokens(extra)
-            tok.add_bos_token = fam.add_bos  # also rebuilds the post-processor with the new BOS id
-            cache[name] = tok
-        return cache[name]
-
-    return get
-
-
 # ------------------------------------------------------------------------------------------
 # Registry and detection
 

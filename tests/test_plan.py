@@ -130,6 +130,7 @@ def _measure_cpu_peak(base: Path, data: Path, tmp: Path, steps: int, extra: str 
         from tests.test_train import tiny_cfg
         from ollama_ft.train import train_process
         cfg = tiny_cfg(max_steps={steps}, eval_steps=1000, save_steps=1000, batch_size=4, micro_batch_size=4)
+        cfg.training.gradient_checkpointing = True  # what the PlanSettings below assume
         {extra}
         train_process(cfg, {str(base)!r}, {str(data)!r}, {str(tmp / 'a')!r}, {str(tmp / 'c')!r}, False, show=False)
         # VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child forked from a big pytest process
@@ -167,7 +168,11 @@ def test_cpu_peak_rss_gemma_270m(tmp_path):
     extra = ("cfg.model.adapter = 'qlora'; cfg.lora.r = 16; cfg.lora.alpha = 32; cfg.lora.dropout = 0.05; "
              "cfg.training.loss_chunk_size = 256")
     measured = _measure_cpu_peak(base, data, tmp_path, steps=2, extra=extra)["peak"]
-    s = PlanSettings(seq_len=256, micro_batch=4, lora_r=16, lora_dropout=0.05, load_in_4bit=True, compute_bytes=2,
+    from ollama_ft.compute_dtype import choose
+
+    # the train stage computes in float32 on CPUs without native bf16 (compute_dtype auto)
+    b = 4 if choose("auto", "cpu").name == "float32" else 2
+    s = PlanSettings(seq_len=256, micro_batch=4, lora_r=16, lora_dropout=0.05, load_in_4bit=True, compute_bytes=b,
                      optimizer="adamw", loss_chunk=256, device="cpu")
     predicted = estimate(cfg, s).train_total
     print(f"Gemma 3 270M CPU peak RSS: measured {measured / GB:.3f} GB, predicted {predicted / GB:.3f} GB")

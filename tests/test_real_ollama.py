@@ -18,7 +18,7 @@ import pytest
 
 from ollama_ft import chat_templates as ct
 from ollama_ft import ollama_api
-from tests.test_chat_templates import FIXTURES, REFUSED, _fixture, family_tokenizers  # noqa: F401
+from tests.test_chat_templates import FIXTURES, REFUSED, _fixture
 from tests.test_ollama_api import _make_run
 
 pytestmark = [pytest.mark.ollama,
