@@ -331,11 +331,15 @@ def create_model(client, name: ModelName, req: dict[str, Any], host: str = "", m
               if req.get(k)}
     if req.get("from"):
         kwargs["from_"] = req["from"]
+    # Config fields a real Ollama writes (renderer, parser, requires) that the official client cannot send.
+    extra = {k: req[k] for k in ("renderer", "parser", "requires", "remote_host") if req.get(k)}
     statuses: list[str] = []
     try:
         with ui.progress_bytes() as prog:
             task = prog.add_task(f"creating {name.display}", total=None)
-            for p in client.create(model=name.display, stream=True, **kwargs):
+            progress = (_create_with_config_fields(client, name.display, kwargs, extra) if extra
+                        else client.create(model=name.display, stream=True, **kwargs))
+            for p in progress:
                 status = p.status or ""
                 statuses.append(status)
                 prog.update(task, description=f"{name.display}: {status}",
@@ -356,6 +360,25 @@ def create_model(client, name: ModelName, req: dict[str, Any], host: str = "", m
 
 
 _create = create_model  # the name registry.py imported first
+
+
+def _create_with_config_fields(client, model: str, kwargs: dict[str, Any], extra: dict[str, Any]):
+    """/api/create with fields the official client has no parameter for, through the client's own HTTP
+    connection; yields the NDJSON progress as ollama.ProgressResponse (errors as ollama.ResponseError)."""
+    import ollama
+
+    body = {"model": model, "stream": True, **{("from" if k == "from_" else k): v for k, v in kwargs.items()}, **extra}
+    with client._client.stream("POST", "/api/create", json=body) as r:
+        if r.status_code != 200:
+            r.read()
+            raise ollama.ResponseError(r.text, r.status_code)
+        for line in r.iter_lines():
+            if not line.strip():
+                continue
+            part = json.loads(line)
+            if part.get("error"):
+                raise ollama.ResponseError(part["error"], -1)
+            yield ollama.ProgressResponse(**part)
 
 
 def _create_hint(error: str) -> str | None:

@@ -890,7 +890,22 @@ def create_request(pulled: Pulled) -> dict[str, Any]:
         else:
             raise UserError(f"layer type {mt!r} cannot be registered through the Ollama API",
                             hint="install into the store directly with --store DIR")
+    # Fields of the config blob that /api/create takes (a model pushed by a real Ollama may carry them;
+    # dropping them changes how the server renders and parses, e.g. a built-in renderer).
+    cfg_desc = pulled.manifest.get("config") or {}
+    config = _json_layer(pulled, cfg_desc["digest"], dict) if cfg_desc.get("digest") else {}
+    for k in API_CONFIG_FIELDS:
+        if config.get(k):
+            req[k] = config[k]
+    lost = sorted(k for k in STORE_ONLY_CONFIG_FIELDS if config.get(k))
+    if lost:
+        ui.warn(f"the config fields {', '.join(lost)} cannot be set through Ollama's API; "
+                "install with --store DIR to keep them")
     return {k: v for k, v in req.items() if v not in ({}, [], None)}
+
+
+API_CONFIG_FIELDS = ("renderer", "parser", "requires", "remote_host")
+STORE_ONLY_CONFIG_FIELDS = ("remote_model", "capabilities", "context_length", "embedding_length", "base_name")
 
 
 def _text(pulled: Pulled, digest: str) -> str:

@@ -19,6 +19,7 @@ import pytest
 from ollama_ft import chat_templates as ct
 from ollama_ft import ollama_api
 from tests.test_chat_templates import FIXTURES, REFUSED, _fixture
+from tests.registry_server import oci_registry_fixture  # noqa: F401 - the `oci_registry` fixture
 from tests.test_ollama_api import _make_run
 
 pytestmark = [pytest.mark.ollama,
@@ -140,3 +141,50 @@ def test_a_history_truncated_by_num_ctx_renders_like_training(real_ollama, tiny_
     kept = [k for k in range(1, len(rest)) if served == train_render([messages[0], *rest[k:]])]
     assert kept, "the truncated prompt equals no training render of a suffix of the history"
     assert system in cut  # the system message survives truncation
+
+
+@pytest.mark.skipif(shutil.which("docker-registry") is None, reason="docker-registry not installed (apt)")
+def test_real_push_then_install_keeps_every_config_field(real_ollama, oci_registry, tiny_gguf, tmp_path):
+    """A model pushed by the real `ollama push --insecure` to docker-registry, installed back with
+    `ollama-ft install` into the real server: the same layers and the config fields a real Ollama
+    writes (renderer, parser, requires) survive."""
+    import json as _json
+
+    import ollama
+
+    from ollama_ft import registry
+
+    client = ollama.Client(host=real_ollama.host)
+    digest = "sha256:" + hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
+    with _http(real_ollama) as http:
+        with open(tiny_gguf, "rb") as f:
+            http.post(f"/api/blobs/{digest}", content=f.read())
+        r = http.post("/api/create", json={
+            "model": "pushsrc", "files": {"model.gguf": digest}, "template": ct.get_family("chatml").go_template,
+            "system": "You are terse.", "parameters": {"temperature": 0.3, "stop": ["<|im_end|>"]},
+            "renderer": "qwen3-coder", "parser": "qwen3-coder", "requires": "0.24.0", "stream": False})
+        assert r.status_code == 200, r.text
+    target = f"{oci_registry.host}/team/pushed:v1"
+    p = real_ollama.cli("cp", "pushsrc", target, check=False)
+    assert p.returncode == 0, p.stderr
+    p = real_ollama.cli("push", "--insecure", target, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+    res = registry.install_command(target, host=real_ollama.host, insecure=True, name="installed:v1")
+    assert res["model"] == "installed:v1"
+
+    def manifest_and_config(name: str, tag: str) -> tuple[dict, dict]:
+        path = real_ollama.models_dir / "manifests"
+        m = next(p for p in path.rglob(tag) if p.parent.name == name)
+        man = _json.loads(m.read_text())
+        cfg = _json.loads((real_ollama.models_dir / "blobs" / man["config"]["digest"].replace(":", "-")).read_text())
+        return man, cfg
+
+    src_m, src_cfg = manifest_and_config("pushsrc", "latest")
+    got_m, got_cfg = manifest_and_config("installed", "v1")
+    assert [layer["digest"] for layer in got_m["layers"]] == [layer["digest"] for layer in src_m["layers"]]
+    for k in ("renderer", "parser", "requires", "model_format", "model_family", "file_type"):
+        assert got_cfg.get(k) == src_cfg.get(k), (k, src_cfg, got_cfg)
+    assert got_cfg["renderer"] == "qwen3-coder" and got_cfg["requires"] == "0.24.0"
+    show = client.show("installed:v1")
+    assert "temperature" in (show.parameters or "") and show.template == ct.get_family("chatml").go_template
