@@ -18,8 +18,8 @@ import pytest
 
 from ollama_ft import chat_templates as ct
 from ollama_ft import ollama_api
-from tests.test_chat_templates import FIXTURES, REFUSED, _fixture
 from tests.registry_server import oci_registry_fixture  # noqa: F401 - the `oci_registry` fixture
+from tests.test_chat_templates import FIXTURES, REFUSED, _fixture
 from tests.test_ollama_api import _make_run
 
 pytestmark = [pytest.mark.ollama,
