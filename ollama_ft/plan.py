@@ -271,10 +271,16 @@ def parse_size(text: str) -> float:
     return num * base**power
 
 
+def resolve_batching(batch_size: int, micro_batch_size: int | None, world: int = 1) -> tuple[int, int, int]:
+    """(micro, accumulation, effective global batch) for a requested global batch over `world` processes."""
+    micro = micro_batch_size or min(batch_size, 4)
+    micro = min(micro, batch_size)
+    accum = max(1, math.ceil(batch_size / (micro * world)))
+    return micro, accum, micro * accum * world
+
+
 def settings_from_config(cfg, device: str = "cuda") -> PlanSettings:
     """PlanSettings for a RunConfig as the train stage would run it on `device`."""
-    from .train import resolve_batching
-
     t = cfg.training
     micro, accum, _ = resolve_batching(t.batch_size, t.micro_batch_size, t.nproc)
     opt = cfg.optimizer.name

@@ -30,6 +30,7 @@ from typing import Any
 from . import ui
 from .config import RunConfig
 from .errors import UserError
+from .plan import resolve_batching
 
 CHECKPOINT_PREFIX = "checkpoint-"
 BEST_DIR = "best-adapter"
@@ -37,14 +38,6 @@ BEST_DIR = "best-adapter"
 
 # ---------------------------------------------------------------------------------------------
 # Resolved settings (pure: also used by plan.py and the tests)
-
-
-def resolve_batching(batch_size: int, micro_batch_size: int | None, world: int = 1) -> tuple[int, int, int]:
-    """(micro, accumulation, effective global batch) for a requested global batch over `world` processes."""
-    micro = micro_batch_size or min(batch_size, 4)
-    micro = min(micro, batch_size)
-    accum = max(1, math.ceil(batch_size / (micro * world)))
-    return micro, accum, micro * accum * world
 
 
 def compute_choice(cfg: RunConfig):
