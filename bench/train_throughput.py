@@ -266,7 +266,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.side:
         if a.side == "ollama-ft":
-            res = side_ollama_ft(Path(a.base), Path(a.data), a.steps)
+            res = side_ollama_ft(Path(a.base), Path(a.data), a.steps, os.environ.get("BENCH_OFT_COMPUTE_DTYPE", "auto"))
         else:
             res = side_baseline(Path(a.base), Path(a.data), a.steps, "bfloat16" if a.side.endswith("bf16") else "float32")
         res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
