@@ -232,6 +232,7 @@ def register_run(cfg, run, host: str, gate_force: bool = False) -> dict[str, Any
     http = httpx.Client(base_url=host, timeout=httpx.Timeout(30.0, read=600.0, write=600.0))
     client = ollama.Client(host=host, timeout=httpx.Timeout(30.0, read=600.0))
     try:
+        refuse_unloadable_adapters(req, local, _server_version(http))
         uploaded, skipped = _sync_blobs(http, local, host, name, modelfile_path)
         statuses = create_model(client, name, req)
         verify = _verify(http, client, name, req)
@@ -265,6 +266,46 @@ def register_run(cfg, run, host: str, gate_force: bool = False) -> dict[str, Any
         "seconds": seconds,
         "summary": summary,
     }
+
+
+# Architectures Ollama v0.24.0 runs on its Go engine (fs/ggml/ggml.go OllamaEngineRequired), whose runner
+# refuses LoRA adapters at load ("loras are not yet implemented"), although /api/create accepts them.
+GO_ENGINE_ARCHITECTURES = frozenset({
+    "bert", "deepseek2", "deepseekocr", "gemma3", "gemma3n", "gemma4", "gptoss", "gpt-oss", "laguna", "llama4",
+    "mistral3", "mllama", "nemotron_h", "nemotron_h_moe", "nemotron_h_omni", "nomic-bert", "olmo3", "qwen25vl",
+    "qwen3", "qwen3moe", "qwen35", "qwen35moe", "qwen3next", "qwen3vl", "qwen3vlmoe", "glm4moelite", "glmocr",
+    "lfm2", "lfm2moe"})
+
+
+def _server_version(http) -> str | None:
+    try:
+        r = http.get("/api/version")
+        return str(r.json().get("version")) if r.status_code == 200 else None
+    except Exception:  # an old server without /api/version: nothing to gate on
+        return None
+
+
+def refuse_unloadable_adapters(req: dict[str, Any], local: dict[str, Path], version: str | None) -> None:
+    """ADAPTER on a base the server cannot combine with a LoRA: stop before any upload, say why and what
+    works instead (register the merged model, the default)."""
+    if not req.get("adapters"):
+        return
+    from .ollama_store import gguf_facts
+
+    for rel, digest in (req.get("files") or {}).items():
+        path = local.get(digest)
+        if path is None or not rel.endswith(".gguf"):
+            continue
+        try:
+            arch = gguf_facts(path).get("architecture")
+        except Exception:  # unreadable: _check_gguf_blobs / the server report it
+            continue
+        if arch in GO_ENGINE_ARCHITECTURES:
+            raise UserError(
+                f"Ollama {version or '(unknown version)'} cannot load a LoRA ADAPTER on a {arch} model: its Go "
+                "engine refuses adapters at load (\"loras are not yet implemented\", read from v0.24.0), although "
+                "create would accept it; nothing was uploaded",
+                hint="register the merged model instead (the default: FROM the run's merged GGUF, no ADAPTER)")
 
 
 def jinja_override_reasons(jinja: str | None, go_template: str | None) -> list[str]:

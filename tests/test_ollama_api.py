@@ -560,3 +560,42 @@ def test_register_refuses_a_gguf_changed_since_export(fake_ollama, tiny_gguf, tm
     with pytest.raises(UserError, match="changed since the export stage verified it"):
         ollama_api.register_run(cfg, run, host=fake_ollama.url)
     assert fake_ollama.blob_bytes_received() == 0
+
+
+def _gguf_with_arch(path: Path, arch: str, adapter: bool = False) -> Path:
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    if adapter:
+        w.add_type("adapter")
+    else:
+        w.add_tokenizer_model("llama")
+        w.add_token_list(["<s>", "a"])
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_adapter_on_a_go_engine_architecture_is_refused_before_upload(fake_ollama, tmp_path):
+    root = tmp_path / "runs" / "adrun"
+    (root / "gguf").mkdir(parents=True)
+    _gguf_with_arch(root / "gguf" / "base.gguf", "gemma3")
+    _gguf_with_arch(root / "gguf" / "lora.gguf", "gemma3", adapter=True)
+    mf = root / "Modelfile"
+    mf.write_text("FROM gguf/base.gguf\nADAPTER gguf/lora.gguf\n")
+    from ollama_ft.config import RunConfig
+    from ollama_ft.runs import Run
+
+    run = Run(root)
+    run.record("modelfile", {"modelfile": str(mf)})
+    cfg = RunConfig.model_validate({"name": "adrun", "runs_dir": str(tmp_path / "runs"), "ollama": {"name": "ad"}})
+    with pytest.raises(UserError) as ei:
+        ollama_api.register_run(cfg, run, host=fake_ollama.url)
+    assert "cannot load a LoRA ADAPTER on a gemma3 model" in ei.value.message and "nothing was uploaded" in ei.value.message
+    assert "merged model" in ei.value.hint
+    assert fake_ollama.blob_bytes_received() == 0 and not fake_ollama.calls("POST", "/api/create")

@@ -188,3 +188,46 @@ def test_real_push_then_install_keeps_every_config_field(real_ollama, oci_regist
     assert got_cfg["renderer"] == "qwen3-coder" and got_cfg["requires"] == "0.24.0"
     show = client.show("installed:v1")
     assert "temperature" in (show.parameters or "") and show.template == ct.get_family("chatml").go_template
+
+
+def test_adapter_route_where_the_server_can_load_it(real_ollama, tiny_llama, tiny_gguf, tmp_path):
+    """FROM base GGUF + ADAPTER LoRA GGUF (llama runs on llama.cpp's runner in v0.24.0, which loads LoRAs):
+    created and answering through the real server; the refusal for Go-engine bases is in test_ollama_api."""
+    import ollama
+
+    from ollama_ft.config import RunConfig
+    from ollama_ft.export import build_gguf
+    from ollama_ft.merge import copy_side_files, merge_streamed
+    from tests.test_export import make_run
+    from tests.test_merge import make_adapter
+
+    run = make_run(tmp_path, tiny_llama)
+    base = run.root / "base"
+    for f in tiny_llama.iterdir():
+        shutil.copy(f, base / f.name)
+    make_adapter(base, run.root / "adapter", alpha=16)
+    merge_streamed(base, run.root / "adapter", run.root / "merged")
+    copy_side_files(base, run.root / "data", run.root / "merged")
+    cfg = RunConfig(name="tinyrun")
+    cfg.export.quants = ["F16"]
+    cfg.export.adapter_gguf = True
+    out = tmp_path / "gguf"
+    out.mkdir()
+    build_gguf(cfg, run, run.root / "merged", out)
+    lora = out / "tinyrun-lora-F16.gguf"
+
+    digests = {}
+    with _http(real_ollama) as http:
+        for p in (tiny_gguf, lora):
+            d = "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest()
+            assert http.post(f"/api/blobs/{d}", content=p.read_bytes()).status_code in (200, 201)
+            digests[p] = d
+        r = http.post("/api/create", json={"model": "with-adapter", "files": {"model.gguf": digests[tiny_gguf]},
+                                           "adapters": {"adapter.gguf": digests[lora]},
+                                           "template": ct.get_family("chatml").go_template, "stream": False})
+        assert r.status_code == 200, r.text
+    client = ollama.Client(host=real_ollama.host)
+    reply = client.chat(model="with-adapter", messages=[{"role": "user", "content": "hi"}],
+                        options={"num_predict": 4, "temperature": 0})
+    assert reply.done and reply.eval_count >= 1
+    client.delete("with-adapter")
