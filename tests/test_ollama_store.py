@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ollama_ft.errors import UserError
-from ollama_ft.ollama_store import (
+from ollama_ft.core.errors import UserError
+from ollama_ft.ollama.store import (
     MEDIA_CONFIG,
     MEDIA_LICENSE,
     MEDIA_MANIFEST,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import UserError
+from ..core.errors import UserError
 
 # -------------------------------------------------------------------------------------------
 # Media types (§4.2)
@@ -491,7 +491,7 @@ class Store:
         return exact
 
     def write_manifest(self, name: ModelName | str, manifest_bytes: bytes) -> Path:
-        from .runs import atomic_write_bytes
+        from ..core.runs import atomic_write_bytes
 
         n = parse_name(name) if isinstance(name, str) else name
         path = self.manifest_path(n)  # keeps an existing model's casing

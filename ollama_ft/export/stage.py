@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import ui
-from .errors import UserError
-from .runs import atomic_write_text
+from ..core import ui
+from ..core.errors import UserError
+from ..core.runs import atomic_write_text
 
 QUANT_FTYPES = {"Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
                 "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
@@ -500,7 +500,7 @@ def hf_reference(merged_dir: Path, texts: list[str], seqs: list[list[int]],
     and answer tokens only where masks are given)."""
     from transformers import AutoTokenizer
 
-    from .hf_loading import load_float32
+    from ..core.hf_loading import load_float32
 
     tok = AutoTokenizer.from_pretrained(str(merged_dir))
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]

