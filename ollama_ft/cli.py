@@ -387,7 +387,7 @@ def _write_crash_log() -> Path | None:
     import time
     import traceback
 
-    from .base.sources import cache_root
+    from .core.files import cache_root
 
     try:
         d = cache_root() / "logs"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .core import ui
 from .core.errors import UserError
+from .core.files import cache_root
 
 PORTABLE_CMAKE = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON")
 
@@ -127,7 +128,7 @@ def check_llama_cpp() -> Check:
 
 
 def _any_small_gguf() -> Path | None:
-    for root in (Path("runs"), Path.home() / ".cache" / "ollama-ft"):
+    for root in (Path("runs"), cache_root()):
         if root.is_dir():
             for p in sorted(root.rglob("*.gguf")):
                 if p.stat().st_size < 1_500_000_000:

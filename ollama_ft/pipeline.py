@@ -1,7 +1,7 @@
 """The pipeline: config -> stages -> `ollama run NAME` (eval runs before register: it is the gate).
 
-Each stage is one function in its own module with the signature documented in STAGE_FUNCS; this
-module only decides which stages run (fingerprints, --until/--from/--force), shows the overall
+Each stage is one `build_*` function in its stage package (the signatures are listed in
+docs/ARCHITECTURE.md, "Stage functions"); this module only decides which stages run (fingerprints, --until/--from/--force), shows the overall
 progress, and prints what to type next.
 """
 

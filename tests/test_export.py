@@ -160,7 +160,7 @@ def test_export_quantize_verify(arch, tiny_llama, tiny_qwen2, tmp_path):
 
 
 def test_truncated_and_corrupted_gguf_are_detected(tiny_gguf, tmp_path):
-    from ollama_ft.export.stage import verify_gguf_file
+    from ollama_ft.export.gguf import verify_gguf_file
 
     good = verify_gguf_file(tiny_gguf)
     assert good["architecture"] == "llama" and good["n_vocab"] > 0 and good["tensors"] > 0
@@ -187,7 +187,7 @@ def test_nan_weights_are_caught_by_llama_cpp(tiny_gguf, tmp_path):
     import numpy as np
     from gguf import GGUFReader
 
-    from ollama_ft.export.stage import verify_gguf_file
+    from ollama_ft.export.gguf import verify_gguf_file
 
     bad = tmp_path / "nan.gguf"
     shutil.copy(tiny_gguf, bad)

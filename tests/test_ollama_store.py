@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ollama_ft.core.errors import UserError
+from ollama_ft.core.names import ModelName, parse_name
 from ollama_ft.ollama.store import (
     MEDIA_CONFIG,
     MEDIA_LICENSE,
@@ -18,7 +19,6 @@ from ollama_ft.ollama.store import (
     MEDIA_TEMPLATE,
     DigestMismatch,
     Layer,
-    ModelName,
     Store,
     build_config_blob,
     build_manifest,
@@ -26,7 +26,6 @@ from ollama_ft.ollama.store import (
     digest_bytes,
     human_number,
     parse_digest,
-    parse_name,
 )
 
 VALID = [

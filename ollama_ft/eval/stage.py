@@ -183,7 +183,7 @@ def base_gguf(cfg: RunConfig, run: Run) -> tuple[Path, str]:
 
 def _quantize(src: Path, dst: Path, quant: str) -> None:
     """Quantize with the export stage's llama.cpp worker (same quantizer, crash-contained)."""
-    from ..export.stage import quantize
+    from ..export.gguf import quantize
 
     quantize(src, {quant.upper(): dst})
 

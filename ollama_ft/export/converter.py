@@ -352,7 +352,7 @@ def preflight(hf_dir: str | Path, pre_tokenizer: str | None = None) -> dict[str,
 
 def convert_lora_to_gguf(adapter_dir: str | Path, base_hf_dir: str | Path, out_path: str | Path,
                          metadata: dict[str, str] | None = None) -> dict[str, Any]:
-    """Write a PEFT LoRA adapter as a llama.cpp/Ollama GGUF adapter (contract section 7.3).
+    """Write a PEFT LoRA adapter as a llama.cpp/Ollama GGUF adapter (../shared/docs/ollama-contract.md §7.3).
 
     Keys: general.type=adapter, adapter.type=lora, adapter.lora.alpha (= scaling x r, so that llama.cpp's
     alpha/r gives PEFT's scaling, rsLoRA included), general.architecture of the base; tensors
@@ -425,7 +425,7 @@ def convert_to_gguf(hf_dir: str | Path, out_path: str | Path, outtype: str = "f1
     renamed into place.
     Returns {"path", "bytes", "seconds", "phases", "architecture", "tokenizer"}.
     """
-    from ..base.sources import safetensors_summary
+    from ..core.hf_dir import safetensors_summary
 
     hf_dir = Path(hf_dir)
     out_path = Path(out_path)

@@ -1,4 +1,4 @@
-"""The only module that talks to an Ollama server (HTTP API, contract §1 and §3).
+"""The only module that talks to an Ollama server (HTTP API, ../shared/docs/ollama-contract.md §1 and §3).
 
 Registration does what `ollama create -f modelfiles/<name>.Modelfile` does, but carefully:
 validate the name (§4.4) before anything else, HEAD each blob and upload only missing ones
@@ -17,7 +17,7 @@ from typing import Any
 
 from ..core import ui
 from ..core.errors import UserError
-from .store import ModelName, parse_name
+from ..core.names import ModelName, parse_name
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 DEFAULT_PORT = 11434
@@ -158,7 +158,7 @@ def model_name_for(cfg) -> ModelName:
 
 def load_create_request(modelfile_path: Path) -> tuple[dict[str, Any], dict[str, Path]]:
     """Parse the Modelfile (Ollama's grammar) and build the structured create request, as
-    `ollama create -f` does (contract §3). Returns (fields without `model`, {digest: local file})."""
+    `ollama create -f` does (§3). Returns (fields without `model`, {digest: local file})."""
     from .modelfile import parse_file
 
     mf = parse_file(modelfile_path)
@@ -181,7 +181,7 @@ def load_create_request(modelfile_path: Path) -> tuple[dict[str, Any], dict[str,
 
 def _check_gguf_blobs(run, local: dict[str, Path]) -> None:
     """Refuse GGUFs that are damaged (structure check) or differ from what the export stage verified."""
-    from ..export.stage import verify_gguf_file
+    from ..export.gguf import verify_gguf_file
 
     exported = {}
     e = run.entry("export")

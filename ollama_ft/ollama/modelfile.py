@@ -1,4 +1,4 @@
-"""Ollama Modelfiles: a model, a writer and a parser that follow Ollama's grammar (contract section 2),
+"""Ollama Modelfiles: a model, a writer and a parser that follow Ollama's grammar (../shared/docs/ollama-contract.md §2),
 the `/api/create` request `ollama create -f` would send (section 3), and the `modelfile` stage.
 
 The parser is a port of the behaviour of Ollama's parser (a rune-by-rune state machine): instruction
@@ -28,7 +28,7 @@ _INVALID_COMMAND = ('command must be one of "from", "license", "template", "syst
 _INVALID_ROLE = 'message role must be one of "system", "user", or "assistant"'
 MESSAGE_ROLES = ("system", "user", "assistant")
 
-# api.Options + api.Runner JSON tags and their Go kinds (contract section 2.4).
+# api.Options + api.Runner JSON tags and their Go kinds (§2.4).
 PARAMETER_TYPES: dict[str, str] = {
     "num_ctx": "int", "num_batch": "int", "num_gpu": "int", "main_gpu": "int", "use_mmap": "bool",
     "num_thread": "int", "draft_num_predict": "int", "num_keep": "int", "seed": "int", "num_predict": "int",
@@ -442,7 +442,7 @@ parse_modelfile_file = parse_file
 
 
 # ------------------------------------------------------------------------------------------
-# Paths, as `ollama create` resolves them (contract section 2.3)
+# Paths, as `ollama create` resolves them (§2.3)
 
 
 def expand_path(arg: str, relative_dir: str | Path) -> Path:

@@ -1,6 +1,6 @@
 """OCI distribution push/pull of Ollama models: `ollama-ft publish` and `ollama-ft install`.
 
-The wire format is Ollama's (contract §4.2, §5): a schema2 manifest
+The wire format is Ollama's (../shared/docs/ollama-contract.md §4.2, §5): a schema2 manifest
 (`application/vnd.docker.distribution.manifest.v2+json`), Ollama's config blob and layers typed
 `application/vnd.ollama.image.*`, pushed to `/v2/<namespace>/<model>/...` of any plain
 distribution registry. No Ollama server is needed to publish, and install does the pull itself
@@ -39,6 +39,7 @@ import httpx
 
 from ..core import ui
 from ..core.errors import UserError
+from ..core.names import ModelName, parse_name
 from ..core.runs import Run, atomic_write_text
 from .store import (
     MEDIA_ADAPTER,
@@ -54,7 +55,6 @@ from .store import (
     MEDIA_TEMPLATE,
     DigestMismatch,
     Layer,
-    ModelName,
     Store,
     build_config_blob,
     build_manifest,
@@ -62,7 +62,6 @@ from .store import (
     digest_bytes,
     gguf_facts,
     is_valid_digest,
-    parse_name,
 )
 
 MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -3,7 +3,7 @@
 A chat family is one way of laying out a conversation (ChatML, Llama 3, Gemma 3, ...). For each family
 this module holds:
 
-- `go_template`: a Go `text/template` for Ollama's Messages mode (contract section 6.1). It renders,
+- `go_template`: a Go `text/template` for Ollama's Messages mode (../shared/docs/ollama-contract.md §6.1). It renders,
   for the messages Ollama passes to it, exactly the text the Hugging Face jinja template renders for
   the same messages with `add_generation_prompt=True`. A conversation that ends with an assistant
   message is a prefill: its text is left open, as `continue_final_message=True` does in transformers.
@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import UserError
+from ..core.files import cache_root
 
 # ------------------------------------------------------------------------------------------
 # Go helpers shared by several families
@@ -593,7 +594,7 @@ def go_render_binary() -> Path:
                         hint="install it: `sudo apt-get install golang-go` (or `make system-deps`)")
     src = _go_source()
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ollama-ft" / "go_render"
+    cache = cache_root() / "go_render"
     binary = cache / f"go_render-{digest}"
     if binary.is_file():
         return binary

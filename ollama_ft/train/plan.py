@@ -362,9 +362,9 @@ def _compute_dtype_name(cfg, device: str) -> str:
 
 def _read_config_json(p: Path) -> dict:
     """A model's config.json as a dict; a damaged one is a UserError naming file:line (sources' reader)."""
-    from ..base.sources import _read_json
+    from ..core.hf_dir import read_json
 
-    return _read_json(p)
+    return read_json(p)
 
 
 def model_config_for(spec: str, runs_dir: Path | None = None, run_name: str | None = None) -> tuple[dict, str]:
