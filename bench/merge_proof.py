@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 CHILD = r"""
 import json, re, sys, threading, time
 from pathlib import Path
-from ollama_ft.merge import logits_check
+from ollama_ft.merge.stage import logits_check
 base, adapter, merged, scratch = map(Path, sys.argv[1:5])
 peak, stop = [0], threading.Event()
 def sample():
@@ -47,7 +47,7 @@ def prepare(out: Path) -> tuple[Path, Path, Path]:
     from transformers import AutoModelForCausalLM
 
     from bench.export import synthetic_hf_dir
-    from ollama_ft.merge import copy_side_files, merge_streamed
+    from ollama_ft.merge.stage import copy_side_files, merge_streamed
 
     base = synthetic_hf_dir(out)
     work = out / "merge_proof"
@@ -82,8 +82,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
     ap.add_argument("--budget-gib", type=float, default=3.0)
     args = ap.parse_args()
-    from ollama_ft import ui
-    from ollama_ft.hf_loading import float32_bytes
+    from ollama_ft.core import ui
+    from ollama_ft.core.hf_loading import float32_bytes
 
     base, adapter, merged = prepare(Path(args.out))
     fp32 = float32_bytes(base)

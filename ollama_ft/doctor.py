@@ -13,8 +13,9 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import ui
-from .errors import UserError
+from .core import ui
+from .core.errors import UserError
+from .core.files import cache_root
 
 PORTABLE_CMAKE = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON")
 
@@ -55,7 +56,7 @@ def check_torch() -> list[Check]:
         name = torch.cuda.get_device_name(0) if cuda else '-'
         bf16 = torch.cuda.is_bf16_supported() if cuda else False
         mem = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0
-        from ollama_ft.compute_dtype import choose
+        from ollama_ft.core.compute_dtype import choose
         c = choose('auto', 'cuda' if cuda else 'cpu')
         print(f"{torch.__version__}|{cuda}|{name}|{bf16}|{mem:.1f}|{c.name}|{c.reason}")
         """
@@ -127,7 +128,7 @@ def check_llama_cpp() -> Check:
 
 
 def _any_small_gguf() -> Path | None:
-    for root in (Path("runs"), Path.home() / ".cache" / "ollama-ft"):
+    for root in (Path("runs"), cache_root()):
         if root.is_dir():
             for p in sorted(root.rglob("*.gguf")):
                 if p.stat().st_size < 1_500_000_000:
@@ -137,7 +138,7 @@ def _any_small_gguf() -> Path | None:
 
 def check_converter() -> Check:
     try:
-        from .converter import converter_dir
+        from .export.converter import converter_dir
 
         d = converter_dir()
     except UserError as e:
@@ -163,7 +164,7 @@ def check_gguf_module() -> Check:
 
 
 def check_ollama(host: str | None) -> Check:
-    from . import ollama_api
+    from .ollama import api as ollama_api
 
     url = ollama_api.resolve_host(host)
     if ollama_api.is_reachable(url):

@@ -1,7 +1,7 @@
 """The pipeline: config -> stages -> `ollama run NAME` (eval runs before register: it is the gate).
 
-Each stage is one function in its own module with the signature documented in STAGE_FUNCS; this
-module only decides which stages run (fingerprints, --until/--from/--force), shows the overall
+Each stage is one `build_*` function in its stage package (the signatures are listed in
+docs/ARCHITECTURE.md, "Stage functions"); this module only decides which stages run (fingerprints, --until/--from/--force), shows the overall
 progress, and prints what to type next.
 """
 
@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import ui
-from .config import LoadedConfig, RunConfig, load_config
-from .errors import UserError
-from .runs import STAGES, Run
+from .core import ui
+from .core.config import LoadedConfig, RunConfig, load_config
+from .core.errors import UserError
+from .core.runs import STAGES, Run
 
 
 def stage_settings(cfg: RunConfig, stage: str) -> dict[str, Any]:
@@ -34,7 +34,7 @@ def stage_settings(cfg: RunConfig, stage: str) -> dict[str, Any]:
         "eval": {"eval": dump["eval"], "quant": dump["ollama"]["quant"], "name": cfg.ollama_name},
     }[stage]
     if stage == "data":  # an edited data file must re-run the data stage
-        from .data import data_files_digest
+        from .data.stage import data_files_digest
 
         settings = {**settings, "files": data_files_digest(cfg)}
     return settings
@@ -43,15 +43,15 @@ def stage_settings(cfg: RunConfig, stage: str) -> dict[str, Any]:
 def _build(stage: str, run: Run, cfg: RunConfig, *, resume: bool = True, gate_force: bool = False):
     """Return the build(tmp_dir) callable for a stage. Imports are lazy: torch only when needed."""
     if stage == "pull":
-        from .sources import build_base
+        from .base.sources import build_base
 
         return lambda out: build_base(cfg, out)
     if stage == "data":
-        from .data import build_data
+        from .data.stage import build_data
 
         return lambda out: build_data(cfg, run.require("pull"), out)
     if stage == "train":
-        from .train import build_adapter
+        from .train.stage import build_adapter
 
         def train(out):
             check_exportable(cfg, run.require("pull"))
@@ -60,19 +60,19 @@ def _build(stage: str, run: Run, cfg: RunConfig, *, resume: bool = True, gate_fo
 
         return train
     if stage == "merge":
-        from .merge import build_merged
+        from .merge.stage import build_merged
 
         return lambda out: build_merged(cfg, run.require("pull"), run.require("train"), run.require("data"), out)
     if stage == "export":
-        from .export import build_gguf
+        from .export.stage import build_gguf
 
         return lambda out: build_gguf(cfg, run, run.require("merge"), out)
     if stage == "modelfile":
-        from .modelfile import build_modelfile
+        from .ollama.modelfile import build_modelfile
 
         return lambda out: build_modelfile(cfg, run, out)
     if stage == "eval":
-        from .evaluate import build_report
+        from .eval.stage import build_report
 
         return lambda out: build_report(cfg, run, out)
     raise ValueError(stage)
@@ -89,7 +89,7 @@ def _checked(cfg: RunConfig, run: Run, stage: str, builder):
 
 def check_exportable(cfg: RunConfig, base_dir: Path) -> dict[str, Any]:
     """Before hours of training: will llama.cpp's converter take this architecture and tokenizer?"""
-    from .converter import preflight
+    from .export.converter import preflight
 
     res = preflight(base_dir, pre_tokenizer=cfg.export.pre_tokenizer)
     tok = res.get("tokenizer") or {}
@@ -103,7 +103,7 @@ def check_free_space(cfg: RunConfig, run: Run, stage: str) -> None:
     """Stop before a stage whose output would not fit on the disk it writes to (plan's figure for it)."""
     import shutil
 
-    from .plan import GB, ModelDims, model_config_for, stage_disk_need
+    from .train.plan import GB, ModelDims, model_config_for, stage_disk_need
 
     try:
         cfg_dict, _ = model_config_for(cfg.model.base, Path(cfg.runs_dir), cfg.run_name)
@@ -205,7 +205,7 @@ def run_single_stage(run_ref: str, stage: str, *, force: bool = False, overrides
 
 def _register_or_explain(cfg: RunConfig, run: Run, *, force: bool, gate_force: bool = False,
                          required: bool = False) -> bool:
-    from . import ollama_api
+    from .ollama import api as ollama_api
 
     modelfile_path = Path(run.entry("modelfile")["info"]["modelfile"]) if run.entry("modelfile") else None
     host = ollama_api.resolve_host(cfg.ollama.host)

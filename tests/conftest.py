@@ -83,7 +83,7 @@ def gemma_gguf(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory, tiny_llama) -> Path:
     """The tiny llama converted to an F16 GGUF with llama.cpp's converter (loadable by llama-cpp-python)."""
-    from ollama_ft.converter import convert_to_gguf
+    from ollama_ft.export.converter import convert_to_gguf
 
     out = tmp_path_factory.mktemp("tiny_gguf") / "tiny-llama-F16.gguf"
     convert_to_gguf(tiny_llama, out, outtype="f16")
@@ -109,7 +109,7 @@ def family_tokenizers(tiny_tokenizer_dir):
 
     def get(name: str):
         if name not in cache:
-            from ollama_ft import chat_templates as ct
+            from ollama_ft.ollama import templates as ct
 
             fam = ct.get_family(name)
             tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))

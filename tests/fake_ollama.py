@@ -1,9 +1,9 @@
 """A stand-in Ollama server for tests, faithful to ../shared/docs/ollama-contract.md section 1.
 
 It listens on 127.0.0.1 (free port) in a thread, stores what it receives in Ollama's store
-layout through `ollama_ft.ollama_store.Store`, and answers /api/chat and /api/generate by running
+layout through `ollama_ft.ollama.store.Store`, and answers /api/chat and /api/generate by running
 the stored model GGUF with llama-cpp-python on a prompt rendered from the STORED Go template
-(Go's own text/template, via `ollama_ft.chat_templates.render_go`). With no template layer it chats
+(Go's own text/template, via `ollama_ft.ollama.templates.render_go`). With no template layer it chats
 natively on the GGUF's jinja template, as Ollama v0.30+ does (§6.3).
 
 What it does not do: pull/push, safetensors conversion, template auto-detection from the GGUF
@@ -34,8 +34,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ollama_ft.errors import UserError
-from ollama_ft.ollama_store import (
+from ollama_ft.core.errors import UserError
+from ollama_ft.ollama.store import (
     MEDIA_CONFIG,
     MEDIA_LICENSE,
     MEDIA_MESSAGES,
@@ -481,7 +481,7 @@ class _Handler(BaseHTTPRequestHandler):
             facts = gguf_facts(path)
             media = MEDIA_MODEL
             if facts["general_type"] == "adapter":
-                from ollama_ft.ollama_store import MEDIA_ADAPTER
+                from ollama_ft.ollama.store import MEDIA_ADAPTER
 
                 media = MEDIA_ADAPTER
             layers.append(Layer(media, dig, path.stat().st_size, key))
@@ -677,7 +677,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not chat and r.get("raw"):
             prompt = r.get("prompt", "")
         elif template:
-            from ollama_ft.chat_templates import render_go
+            from ollama_ft.ollama.templates import render_go
 
             try:
                 prompt = render_go(template, msgs, system=system or None)

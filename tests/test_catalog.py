@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from ollama_ft import catalog
-from ollama_ft.errors import UserError
+from ollama_ft.base import catalog
+from ollama_ft.core.errors import UserError
 
 REQUIRED = {
     "deepseek-r1:7b": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
@@ -47,13 +47,13 @@ def test_entry_is_complete_and_consistent(entry):
 
 
 def test_families_exist_in_chat_templates():
-    from ollama_ft.chat_templates import family_names
+    from ollama_ft.ollama.templates import family_names
 
     assert {e.family for e in catalog.entries()} <= set(family_names())
 
 
 def test_architectures_are_known_to_llama_cpp_converter():
-    from ollama_ft.sources import llama_cpp_architectures
+    from ollama_ft.base.sources import llama_cpp_architectures
 
     known = llama_cpp_architectures()
     if known is None:

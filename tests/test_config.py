@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ollama_ft.config import load_config
-from ollama_ft.errors import UserError
+from ollama_ft.core.config import load_config
+from ollama_ft.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from ollama_ft.config import RunConfig
-from ollama_ft.data import (
+from ollama_ft.core.config import RunConfig
+from ollama_ft.core.errors import UserError
+from ollama_ft.data.formats import Report, content_keys, iter_records
+from ollama_ft.data.stage import (
     ChatRenderer,
     assign_split,
     build_data,
@@ -22,8 +24,6 @@ from ollama_ft.data import (
     token_labels,
     validate_command,
 )
-from ollama_ft.data_formats import Report, content_keys, iter_records
-from ollama_ft.errors import UserError
 from tests.tiny_models import CHATML_TEMPLATE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -464,7 +464,7 @@ def test_family_fallback_and_missing_template(tmp_path, tiny_llama):
     src = _write_jsonl(tmp_path / "d.jsonl", [{"messages": _msgs("where", "here"), "split": "train"}])
     with pytest.raises(UserError, match="no chat template"):
         build_data(_cfg(src), base, tmp_path / "d1")
-    pytest.importorskip("ollama_ft.chat_templates")
+    pytest.importorskip("ollama_ft.ollama.templates")
     (base / "ollama_ft_base.json").write_text(json.dumps({"family": "chatml"}))
     info = build_data(_cfg(src), base, tmp_path / "d2")
     assert "chatml" in info["chat_template_source"] and info["counts"]["train"] == 1
@@ -611,7 +611,7 @@ def test_data_stage_fingerprint_follows_the_data_files(tmp_path):
 @pytest.mark.slow
 def test_gemma_tokenizer_on_the_sample_data(gemma_gguf, tmp_path):
     """The demo path: Gemma 3 tokenizer (from the offline GGUF) + gemma3 family template + sample data."""
-    pytest.importorskip("ollama_ft.chat_templates")
+    pytest.importorskip("ollama_ft.ollama.templates")
     from transformers import AutoTokenizer
 
     base = tmp_path / "base"

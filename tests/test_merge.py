@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ollama_ft.config import RunConfig
-from ollama_ft.errors import UserError
+from ollama_ft.core.config import RunConfig
+from ollama_ft.core.errors import UserError
 
 
 def make_adapter(base_dir: Path, out: Path, *, r: int = 4, alpha: int = 8, rslora: bool = False,
@@ -77,7 +77,7 @@ def load_dir_state(d: Path) -> dict:
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_streamed_merge_equals_peft(tiny_model, tmp_path, rslora):
-    from ollama_ft.merge import merge_streamed
+    from ollama_ft.merge.stage import merge_streamed
 
     adapter = make_adapter(tiny_model, tmp_path / "adapter", rslora=rslora, alpha=16)
     out = tmp_path / "merged"
@@ -93,7 +93,7 @@ def test_streamed_merge_equals_peft(tiny_model, tmp_path, rslora):
 
 
 def test_sharded_base_writes_index(tiny_llama, tmp_path):
-    from ollama_ft.merge import merge_streamed
+    from ollama_ft.merge.stage import merge_streamed
 
     base = sharded_copy(tiny_llama, tmp_path / "base")
     assert len(list(base.glob("*.safetensors"))) > 1
@@ -126,7 +126,7 @@ def _data_dir(tmp_path: Path, tokenizer_dir: Path) -> Path:
 
 
 def test_build_merged_bf16_proof_and_side_files(tiny_model, tmp_path):
-    from ollama_ft.merge import build_merged
+    from ollama_ft.merge.stage import build_merged
 
     base = bf16_copy(tiny_model, tmp_path / "base")
     adapter = make_adapter(base, tmp_path / "adapter")
@@ -149,7 +149,7 @@ def test_build_merged_bf16_proof_and_side_files(tiny_model, tmp_path):
 
 def test_corrupted_merge_is_caught(tiny_llama, tmp_path, monkeypatch):
     """A merge that drops the LoRA scaling (a classic bug) must fail the logits proof."""
-    from ollama_ft import merge
+    from ollama_ft.merge import stage as merge
 
     adapter = make_adapter(tiny_llama, tmp_path / "adapter")
     data = _data_dir(tmp_path, tiny_llama)
@@ -163,7 +163,7 @@ def test_corrupted_merge_is_caught(tiny_llama, tmp_path, monkeypatch):
 
 
 def test_adapter_for_another_base_is_refused(tiny_llama, tmp_path):
-    from ollama_ft.merge import merge_streamed
+    from ollama_ft.merge.stage import merge_streamed
 
     adapter = make_adapter(tiny_llama, tmp_path / "adapter")
     from safetensors.torch import load_file, save_file
@@ -178,7 +178,7 @@ def test_adapter_for_another_base_is_refused(tiny_llama, tmp_path):
 
 def test_merge_into_dequantized_base_is_recorded(tiny_llama, tmp_path):
     pytest.importorskip("bitsandbytes")
-    from ollama_ft.merge import build_merged
+    from ollama_ft.merge.stage import build_merged
 
     adapter = make_adapter(tiny_llama, tmp_path / "adapter")
     data = _data_dir(tmp_path, tiny_llama)
@@ -190,7 +190,7 @@ def test_merge_into_dequantized_base_is_recorded(tiny_llama, tmp_path):
     assert info["merge_base"] == "dequantized" and info["logits_check"]["passed"]
     # the NF4 round-trip changed the weights compared with a full-precision merge
     full = tmp_path / "full"
-    from ollama_ft.merge import merge_streamed
+    from ollama_ft.merge.stage import merge_streamed
 
     merge_streamed(tiny_llama, adapter, full)
     a, b = load_dir_state(out), load_dir_state(full)
@@ -201,8 +201,8 @@ def test_merge_into_dequantized_base_is_recorded(tiny_llama, tmp_path):
 def test_logits_proof_offloads_to_disk_beyond_the_ram_budget(tiny_model, tmp_path, monkeypatch):
     """A model whose float32 weights exceed the RAM budget (a 7B on a 16 GB workstation; forced here with a
     tiny budget) is proved disk-offloaded, layer by layer, with the same numbers as in RAM."""
-    from ollama_ft.hf_loading import float32_bytes
-    from ollama_ft.merge import copy_side_files, logits_check, merge_streamed
+    from ollama_ft.core.hf_loading import float32_bytes
+    from ollama_ft.merge.stage import copy_side_files, logits_check, merge_streamed
 
     base = bf16_copy(tiny_model, tmp_path / "base")
     adapter = make_adapter(base, tmp_path / "adapter")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ollama_ft import chat_templates as ct
-from ollama_ft.errors import UserError
-from ollama_ft.modelfile import (
+from ollama_ft.core.errors import UserError
+from ollama_ft.ollama import templates as ct
+from ollama_ft.ollama.modelfile import (
     Modelfile,
     ModelfileError,
     build_modelfile,
@@ -214,8 +214,8 @@ def _fake_gguf(path: Path, add_bos: bool) -> None:
 @pytest.fixture
 def fake_run(tmp_path, tiny_tokenizer_dir, monkeypatch):
     """runs/r with base/, data/, merged/ (tiny tokenizer) and gguf/ (a GGUF with tokenizer metadata only)."""
-    from ollama_ft.config import RunConfig
-    from ollama_ft.runs import Run
+    from ollama_ft.core.config import RunConfig
+    from ollama_ft.core.runs import Run
 
     monkeypatch.chdir(tmp_path)
     run = Run.open("r", tmp_path / "runs", create=True)
@@ -327,7 +327,7 @@ def test_build_modelfile_refuses_unknown_templates_and_bad_parameters(fake_run):
 def test_gguf_metadata_reads_header_values(tmp_path):
     import gguf
 
-    from ollama_ft.modelfile import gguf_add_bos, gguf_metadata
+    from ollama_ft.ollama.modelfile import gguf_add_bos, gguf_metadata
 
     p = tmp_path / "m.gguf"
     w = gguf.GGUFWriter(str(p), arch="llama")
@@ -392,7 +392,7 @@ def test_build_modelfile_dated_llama32_uses_the_training_day(fake_run, tiny_toke
 
 
 def test_think_filter_names_are_recognised_like_ollama():
-    from ollama_ft.modelfile import think_filter_applies
+    from ollama_ft.ollama.modelfile import think_filter_applies
 
     for name in ("deepseek-r1", "deepseek-r1:7b", "team/deepseek-r1:latest", "host:5000/x/deepseek-r1:1"):
         assert think_filter_applies(name), name

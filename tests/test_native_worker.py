@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ollama_ft.errors import UserError
-from ollama_ft.native_worker import Contained
+from ollama_ft.core.errors import UserError
+from ollama_ft.core.native_worker import Contained
 
 
 def test_calls_streams_and_log_file(tmp_path):

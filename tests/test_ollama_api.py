@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ollama_ft import ollama_api
-from ollama_ft.errors import UserError
-from ollama_ft.ollama_store import MEDIA_MODEL, MEDIA_PARAMS, MEDIA_SYSTEM, MEDIA_TEMPLATE, gguf_facts
+from ollama_ft.core.errors import UserError
+from ollama_ft.ollama import api as ollama_api
+from ollama_ft.ollama.store import MEDIA_MODEL, MEDIA_PARAMS, MEDIA_SYSTEM, MEDIA_TEMPLATE, gguf_facts
 from tests.fake_ollama import format_parameters
 
 CHATML = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
@@ -252,8 +252,8 @@ def test_gguf_facts_of_a_real_gguf(tiny_gguf):
 
 def _make_run(tmp_path: Path, gguf: Path, name: str = "tiny-chat", stop: str = "<|im_end|>"):
     """A run with an exported GGUF and a hand-written Modelfile recorded by the modelfile stage."""
-    from ollama_ft.config import RunConfig
-    from ollama_ft.runs import Run
+    from ollama_ft.core.config import RunConfig
+    from ollama_ft.core.runs import Run
 
     root = tmp_path / "runs" / "tinyrun"
     (root / "gguf").mkdir(parents=True)
@@ -472,7 +472,7 @@ def test_generate_honours_num_predict_and_stop(fake_ollama, tiny_gguf, tmp_path)
 def test_chat_prompt_is_the_stored_template_rendered_by_go(fake_ollama, tiny_gguf, tmp_path):
     """The stand-in renders exactly what Ollama would: compare its output with a raw generate on the
     prompt rendered by Go's text/template from the stored TEMPLATE and SYSTEM."""
-    from ollama_ft.chat_templates import render_go
+    from ollama_ft.ollama.templates import render_go
 
     _register(fake_ollama, tmp_path, tiny_gguf)
     msgs = [{"role": "user", "content": "What is 2+2?"}]

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ollama_ft.errors import UserError
-from ollama_ft.ollama_store import (
+from ollama_ft.core.errors import UserError
+from ollama_ft.core.names import ModelName, parse_name
+from ollama_ft.ollama.store import (
     MEDIA_CONFIG,
     MEDIA_LICENSE,
     MEDIA_MANIFEST,
@@ -18,7 +19,6 @@ from ollama_ft.ollama_store import (
     MEDIA_TEMPLATE,
     DigestMismatch,
     Layer,
-    ModelName,
     Store,
     build_config_blob,
     build_manifest,
@@ -26,7 +26,6 @@ from ollama_ft.ollama_store import (
     digest_bytes,
     human_number,
     parse_digest,
-    parse_name,
 )
 
 VALID = [

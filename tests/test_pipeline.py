@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ollama_ft.runs import STAGES, Run
+from ollama_ft.core.runs import STAGES, Run
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "ollama_ft" / "data_files" / "clinic_sample.jsonl"
@@ -38,7 +38,7 @@ def _config(tmp_path: Path, base: Path, host: str, **extra) -> Path:
 
 @pytest.mark.slow
 def test_full_pipeline_on_tiny_model_registers_and_chats(tmp_path, tiny_llama, fake_ollama, monkeypatch):
-    from ollama_ft import ollama_api
+    from ollama_ft.ollama import api as ollama_api
     from ollama_ft.pipeline import run_pipeline
 
     monkeypatch.chdir(tmp_path)  # modelfiles/<name>.Modelfile is written relative to the CWD
@@ -89,7 +89,7 @@ def test_pipeline_without_ollama_stops_after_modelfile(tmp_path, tiny_qwen2, cap
 
 def test_unexportable_tokenizer_stops_before_training(tmp_path, tiny_qwen2, monkeypatch):
     """A tokenizer llama.cpp's converter cannot take is found before training starts, not after it."""
-    from ollama_ft.errors import UserError
+    from ollama_ft.core.errors import UserError
     from ollama_ft.pipeline import run_pipeline
 
     monkeypatch.chdir(tmp_path)

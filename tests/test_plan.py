@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from ollama_ft.plan import GB, GIB, ModelDims, PlanSettings, estimate, parse_size, suggestions
+from ollama_ft.train.plan import GB, GIB, ModelDims, PlanSettings, estimate, parse_size, suggestions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,14 +98,14 @@ def test_parse_size():
     assert parse_size("12 GiB") == 12 * 2**30
     assert parse_size("800MB") == 800e6
     assert parse_size("16") == 16e9
-    from ollama_ft.errors import UserError
+    from ollama_ft.core.errors import UserError
 
     with pytest.raises(UserError):
         parse_size("lots")
 
 
 def test_plan_command_go_and_no_go(tmp_path, capsys):
-    from ollama_ft.plan import plan_command
+    from ollama_ft.train.plan import plan_command
 
     cfg = ROOT / "configs" / "deepseek-r1-7b.yaml"
     plan_command(cfg, budget="16GB", overrides=[f"runs_dir={tmp_path}"], ram="32GB")
@@ -117,7 +117,7 @@ def test_plan_command_go_and_no_go(tmp_path, capsys):
 
 
 def test_plan_reads_a_local_model_dir(tiny_llama, tmp_path, capsys):
-    from ollama_ft.plan import plan_command
+    from ollama_ft.train.plan import plan_command
 
     plan_command(None, budget="1GB", overrides=[f"model.base={tiny_llama}", f"runs_dir={tmp_path}"], device="cpu")
     assert "GO" in capsys.readouterr().out
@@ -128,7 +128,7 @@ def _measure_cpu_peak(base: Path, data: Path, tmp: Path, steps: int, extra: str 
         import json, resource, sys
         sys.path.insert(0, {str(ROOT)!r})
         from tests.test_train import tiny_cfg
-        from ollama_ft.train import train_process
+        from ollama_ft.train.stage import train_process
         cfg = tiny_cfg(max_steps={steps}, eval_steps=1000, save_steps=1000, batch_size=4, micro_batch_size=4)
         cfg.training.gradient_checkpointing = True  # what the PlanSettings below assume
         {extra}
@@ -168,7 +168,7 @@ def test_cpu_peak_rss_gemma_270m(tmp_path):
     extra = ("cfg.model.adapter = 'qlora'; cfg.lora.r = 16; cfg.lora.alpha = 32; cfg.lora.dropout = 0.05; "
              "cfg.training.loss_chunk_size = 256")
     measured = _measure_cpu_peak(base, data, tmp_path, steps=2, extra=extra)["peak"]
-    from ollama_ft.compute_dtype import choose
+    from ollama_ft.core.compute_dtype import choose
 
     # the train stage computes in float32 on CPUs without native bf16 (compute_dtype auto)
     b = 4 if choose("auto", "cpu").name == "float32" else 2
@@ -185,9 +185,9 @@ def test_cuda_peak_r1_qwen_7b_dims(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from ollama_ft.config import RunConfig
-    from ollama_ft.train import _trainer_class, load_model, pick_device_and_dtype
-    from ollama_ft.train_data import PackingCollator
+    from ollama_ft.core.config import RunConfig
+    from ollama_ft.train.data import PackingCollator
+    from ollama_ft.train.stage import _trainer_class, load_model, pick_device_and_dtype
 
     conf = Qwen2Config(**{k: v for k, v in R1_QWEN_7B.items() if k != "architectures"})
     base = tmp_path / "r1-dims"
@@ -220,7 +220,7 @@ def test_cuda_peak_r1_qwen_7b_dims(tmp_path):
                                   "my-medical-model"])
 def test_every_16gb_config_fits_16gb(name, tmp_path, capsys):
     """The ready GPU configs in configs/ are shown by `plan --budget 16GB` to fit (training memory)."""
-    from ollama_ft.plan import plan_command
+    from ollama_ft.train.plan import plan_command
 
     plan_command(ROOT / "configs" / f"{name}.yaml", budget="16GB", overrides=[f"runs_dir={tmp_path}"], ram="64GB")
     out = capsys.readouterr().out

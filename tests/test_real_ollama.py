@@ -16,8 +16,8 @@ import shutil
 import httpx
 import pytest
 
-from ollama_ft import chat_templates as ct
-from ollama_ft import ollama_api
+from ollama_ft.ollama import api as ollama_api
+from ollama_ft.ollama import templates as ct
 from tests.registry_server import oci_registry_fixture  # noqa: F401 - the `oci_registry` fixture
 from tests.test_chat_templates import FIXTURES, REFUSED, _fixture
 from tests.test_ollama_api import _make_run
@@ -152,7 +152,7 @@ def test_real_push_then_install_keeps_every_config_field(real_ollama, oci_regist
 
     import ollama
 
-    from ollama_ft import registry
+    from ollama_ft.ollama import registry
 
     client = ollama.Client(host=real_ollama.host)
     digest = "sha256:" + hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()

@@ -17,9 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ollama_ft import registry as R
-from ollama_ft.errors import UserError
-from ollama_ft.ollama_store import (
+from ollama_ft.core.errors import UserError
+from ollama_ft.core.runs import Run
+from ollama_ft.ollama import registry as R
+from ollama_ft.ollama.store import (
     MEDIA_ADAPTER,
     MEDIA_CONFIG,
     MEDIA_MANIFEST,
@@ -30,7 +31,6 @@ from ollama_ft.ollama_store import (
     build_config_blob,
     build_manifest,
 )
-from ollama_ft.runs import Run
 from tests import fake_ollama as fake_mod
 from tests.registry_server import HoldingProxy, free_port, oci_registry_fixture  # noqa: F401 - `oci_registry`
 

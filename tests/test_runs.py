@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from ollama_ft.runs import Run
+from ollama_ft.core.runs import Run
 
 
 def test_stage_runs_once_then_skips(tmp_path):
@@ -68,7 +68,7 @@ def test_upstream_change_makes_downstream_stale(tmp_path):
 
 KILL_SCRIPT = textwrap.dedent("""
     import sys, time
-    from ollama_ft.runs import Run
+    from ollama_ft.core.runs import Run
     run = Run.open("r", sys.argv[1], create=True)
     def build(out):
         (out / "part1").write_text("x")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from ollama_ft import sources
-from ollama_ft.config import ModelSettings, RunConfig
-from ollama_ft.errors import UserError
+from ollama_ft.base import sources
+from ollama_ft.core.config import ModelSettings, RunConfig
+from ollama_ft.core.errors import UserError
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +27,7 @@ def isolated(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_f32_gguf(tmp_path_factory, tiny_llama) -> Path:
     """The tiny llama as an F32 GGUF (llama.cpp's converter, run apart), so dequantizing is lossless."""
-    from ollama_ft.converter import convert_to_gguf
+    from ollama_ft.export.converter import convert_to_gguf
 
     out = tmp_path_factory.mktemp("tiny_f32_gguf") / "tiny-llama-F32.gguf"
     convert_to_gguf(tiny_llama, out, outtype="f32")
@@ -266,7 +266,7 @@ def test_local_gguf_is_dequantized_with_matching_logits(tmp_path, tiny_llama, ti
     out = tmp_path / "base"
     sources.build_base(_cfg(str(tiny_f32_gguf)), out)
     meta = _meta(out)
-    from ollama_ft.runs import sha256_file
+    from ollama_ft.core.runs import sha256_file
 
     assert meta["source_kind"] == "gguf" and meta["architecture"] == "LlamaForCausalLM"
     assert meta["gguf_source"]["sha256"] == sha256_file(tiny_f32_gguf)
@@ -288,7 +288,7 @@ def test_local_gguf_is_dequantized_with_matching_logits(tmp_path, tiny_llama, ti
 
 
 def test_ollama_store_model_is_read_through_its_manifest(tmp_path, tiny_f32_gguf):
-    from ollama_ft import ollama_store as st
+    from ollama_ft.ollama import store as st
 
     store = st.Store(tmp_path / "ollama-models")
     model = store.add_blob_file(tiny_f32_gguf)

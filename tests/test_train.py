@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ollama_ft.config import RunConfig
+from ollama_ft.core.config import RunConfig
 
 QUESTIONS = ["when does the clinic open", "what is the dose", "who is the nurse", "where is the ward",
              "how is the patient", "should i call the desk", "is the fever severe", "can i rest"]
@@ -65,7 +65,7 @@ def tiny_data(tmp_path_factory, tiny_tokenizer_dir):
 
 
 def _train(cfg, base, data, tmp: Path, name: str, resume: bool = False, callbacks=None):
-    from ollama_ft.train import train_process
+    from ollama_ft.train.stage import train_process
 
     out = tmp / name / "adapter"
     return train_process(cfg, base, data, out, tmp / name / "checkpoints", resume, show=False,
@@ -77,7 +77,7 @@ def _train(cfg, base, data, tmp: Path, name: str, resume: bool = False, callback
 
 
 def test_chunked_ce_matches_full_ce_value_and_grads():
-    from ollama_ft.train_loss import chunked_ce_sum, full_ce_sum
+    from ollama_ft.train.loss import chunked_ce_sum, full_ce_sum
 
     g = torch.Generator().manual_seed(0)
     for softcap in (None, 30.0):
@@ -103,8 +103,8 @@ def test_packing_does_not_attend_across_examples(tiny_llama, tiny_data):
     """A packed row gives the same per-example loss as each example alone (sdpa, CPU)."""
     from transformers import AutoModelForCausalLM
 
-    from ollama_ft.train_data import PackingCollator, PaddingCollator, load_split
-    from ollama_ft.train_loss import full_ce_sum
+    from ollama_ft.train.data import PackingCollator, PaddingCollator, load_split
+    from ollama_ft.train.loss import full_ce_sum
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), attn_implementation="sdpa").eval()
     rows = load_split(tiny_data, "train").rows[:3]
@@ -130,8 +130,8 @@ def test_packing_does_not_attend_across_examples(tiny_llama, tiny_data):
 
 def test_masked_tokens_carry_no_gradient(tiny_llama, tiny_data, tmp_path):
     """Changing a token whose label is -100 at the END of the sequence, or its label, changes no gradient."""
-    from ollama_ft.train import _trainer_class, load_model, pick_device_and_dtype
-    from ollama_ft.train_data import PackingCollator, load_split
+    from ollama_ft.train.data import PackingCollator, load_split
+    from ollama_ft.train.stage import _trainer_class, load_model, pick_device_and_dtype
 
     cfg = tiny_cfg()
     device, dtype, _ = pick_device_and_dtype(cfg)
@@ -223,7 +223,7 @@ def test_interrupt_then_resume_matches_uninterrupted_run(tiny_llama, tiny_data, 
 
     with pytest.raises(KeyboardInterrupt):
         _train(cfg, tiny_llama, tiny_data, tmp_path, "cut", callbacks=[CtrlC()])
-    from ollama_ft.train import newest_checkpoint
+    from ollama_ft.train.stage import newest_checkpoint
 
     # The signal lands after step 4's checks ran, so the checkpoint is written at the end of step 5.
     ckpt = newest_checkpoint(tmp_path / "cut" / "checkpoints")
@@ -241,7 +241,7 @@ def test_interrupt_then_resume_matches_uninterrupted_run(tiny_llama, tiny_data, 
 
 
 def test_stale_checkpoints_are_not_resumed(tiny_llama, tiny_data, tmp_path):
-    from ollama_ft.train import _fingerprint, _prepare_checkpoints
+    from ollama_ft.train.stage import _fingerprint, _prepare_checkpoints
 
     ck = tmp_path / "ck"
     fp = _fingerprint(tiny_cfg(), tiny_llama, tiny_data)
@@ -258,7 +258,7 @@ def test_stale_checkpoints_are_not_resumed(tiny_llama, tiny_data, tmp_path):
 def test_qlora_4bit_path_runs_on_cpu(tiny_llama, tiny_data, tmp_path):
     import bitsandbytes as bnb
 
-    from ollama_ft.train import load_model
+    from ollama_ft.train.stage import load_model
 
     cfg = tiny_cfg(max_steps=3, eval_steps=3, save_steps=3)
     cfg.model.adapter = "qlora"
@@ -273,7 +273,7 @@ def test_qlora_4bit_path_runs_on_cpu(tiny_llama, tiny_data, tmp_path):
 
 
 def test_warnings_thresholds():
-    from ollama_ft.train_display import training_warnings
+    from ollama_ft.train.display import training_warnings
 
     assert training_warnings(1.0, [1.0] * 10) == []
     assert "stalled" in training_warnings(0.05, [])[0]
@@ -287,7 +287,7 @@ def test_falling_loss_is_trend_not_volatility():
     """The loss that once warned "swings 92%": a smooth fall from 1.76 to 0.90 over 10 steps."""
     import numpy as np
 
-    from ollama_ft.train_display import loss_volatility, training_warnings
+    from ollama_ft.train.display import loss_volatility, training_warnings
 
     smooth = list(np.linspace(1.76, 0.90, 10))
     assert training_warnings(1.0, smooth) == []
@@ -301,7 +301,7 @@ def test_falling_loss_is_trend_not_volatility():
 
 
 def test_gpu_memory_share_warnings():
-    from ollama_ft.train_display import training_warnings
+    from ollama_ft.train.display import training_warnings
 
     assert training_warnings(1.0, [], memory_share=0.8) == []
     assert "close to out-of-memory" in training_warnings(1.0, [], memory_share=0.95)[0]
@@ -312,7 +312,7 @@ def test_gpu_memory_share_warnings():
 @pytest.mark.slow
 def test_two_process_ddp_matches_single_process(tiny_llama, tiny_data, tmp_path):
     """2 gloo processes x micro 2 = global batch 4 == 1 process x micro 2 x accumulation 2."""
-    from ollama_ft.train import build_adapter
+    from ollama_ft.train.stage import build_adapter
 
     cfg = tiny_cfg(max_steps=6, eval_steps=3, save_steps=100)
     single, _ = _train(cfg, tiny_llama, tiny_data, tmp_path, "single")
@@ -329,8 +329,8 @@ def test_trainer_loss_equals_the_models_own_loss(tiny_qwen2, tiny_data, tmp_path
     """Hook + chunked head on trained positions == HF's full-logits loss (same example, same weights)."""
     from transformers import TrainingArguments
 
-    from ollama_ft.train import _trainer_class, load_model
-    from ollama_ft.train_data import PackingCollator, load_split
+    from ollama_ft.train.data import PackingCollator, load_split
+    from ollama_ft.train.stage import _trainer_class, load_model
 
     cfg = tiny_cfg()
     model = load_model(cfg, tiny_qwen2, "cpu", torch.float32).eval()

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import eval_metrics as em
-from . import ui
-from .config import RunConfig
-from .errors import UserError
-from .runs import Run, atomic_write_text
+from ..core import ui
+from ..core.config import RunConfig
+from ..core.errors import UserError
+from ..core.runs import Run, atomic_write_text
+from . import metrics as em
 
 # Per-example metrics compared base vs tuned: key -> (higher_is_better, label)
 COMPARED: dict[str, tuple[bool | None, str]] = {
@@ -124,7 +124,7 @@ def chat_template(run: Run) -> str | None:
             return p.read_text(encoding="utf-8")
     family = (_read_json(run.root / "base" / "ollama_ft_base.json") or {}).get("family")
     if family:
-        from .chat_templates import family_jinja
+        from ..ollama.templates import family_jinja
 
         try:
             return family_jinja(family)
@@ -168,7 +168,7 @@ def base_gguf(cfg: RunConfig, run: Run) -> tuple[Path, str]:
     out = cache / f"base-{quant}.gguf"
     if out.is_file():
         return out, f"base/ converted to GGUF {quant} (cached in {cache})"
-    from . import converter
+    from ..export import converter
 
     outtype = cfg.export.outtype
     f16 = cache / f"base-{outtype.upper()}.gguf"
@@ -183,7 +183,7 @@ def base_gguf(cfg: RunConfig, run: Run) -> tuple[Path, str]:
 
 def _quantize(src: Path, dst: Path, quant: str) -> None:
     """Quantize with the export stage's llama.cpp worker (same quantizer, crash-contained)."""
-    from .export import quantize
+    from ..export.gguf import quantize
 
     quantize(src, {quant.upper(): dst})
 
@@ -232,7 +232,7 @@ def _n_ctx(records: list[dict[str, Any]], max_new: int) -> int:
 def run_model(label: str, gguf: Path | None, records: list[dict[str, Any]], cfg: RunConfig, template: str,
               ollama_model: str | None = None, generate: bool = True) -> dict[str, Any]:
     """Generate for every record (if `generate`) and score the reference answers' NLL (GGUF only)."""
-    from .eval_engines import ContainedLlamaCppEngine, OllamaEngine
+    from .engines import ContainedLlamaCppEngine, OllamaEngine
 
     ev = cfg.eval
     llama = None
@@ -451,7 +451,7 @@ def summarise_model(res: dict[str, Any], refs: list[str]) -> dict[str, Any]:
 
 def build_report(cfg: RunConfig, run: Run, out: Path) -> dict[str, Any]:
     """Eval stage: base vs tuned on the test split, drift by stage, report files, and the gate."""
-    from . import eval_report
+    from . import report as eval_report
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -472,7 +472,7 @@ def build_report(cfg: RunConfig, run: Run, out: Path) -> dict[str, Any]:
     base_ollama = tuned_ollama = None
     if ev.via == "ollama":
         base_ollama = _ollama_base_name(cfg, run)
-        from .ollama_api import model_name_for
+        from ..ollama.api import model_name_for
 
         tuned_ollama = model_name_for(cfg).display
     ui.info(f"eval: {len(records)} of {total} test examples, greedy, up to {ev.max_new_tokens} new tokens, "

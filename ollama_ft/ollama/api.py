@@ -1,4 +1,4 @@
-"""The only module that talks to an Ollama server (HTTP API, contract §1 and §3).
+"""The only module that talks to an Ollama server (HTTP API, ../shared/docs/ollama-contract.md §1 and §3).
 
 Registration does what `ollama create -f modelfiles/<name>.Modelfile` does, but carefully:
 validate the name (§4.4) before anything else, HEAD each blob and upload only missing ones
@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import ui
-from .errors import UserError
-from .ollama_store import ModelName, parse_name
+from ..core import ui
+from ..core.errors import UserError
+from ..core.names import ModelName, parse_name
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 DEFAULT_PORT = 11434
@@ -158,7 +158,7 @@ def model_name_for(cfg) -> ModelName:
 
 def load_create_request(modelfile_path: Path) -> tuple[dict[str, Any], dict[str, Path]]:
     """Parse the Modelfile (Ollama's grammar) and build the structured create request, as
-    `ollama create -f` does (contract §3). Returns (fields without `model`, {digest: local file})."""
+    `ollama create -f` does (§3). Returns (fields without `model`, {digest: local file})."""
     from .modelfile import parse_file
 
     mf = parse_file(modelfile_path)
@@ -181,7 +181,7 @@ def load_create_request(modelfile_path: Path) -> tuple[dict[str, Any], dict[str,
 
 def _check_gguf_blobs(run, local: dict[str, Path]) -> None:
     """Refuse GGUFs that are damaged (structure check) or differ from what the export stage verified."""
-    from .export import verify_gguf_file
+    from ..export.gguf import verify_gguf_file
 
     exported = {}
     e = run.entry("export")
@@ -322,7 +322,7 @@ def jinja_override_reasons(jinja: str | None, go_template: str | None) -> list[s
 
 
 def _gguf_template_override_risk(req: dict[str, Any], local: dict[str, Path]) -> list[str]:
-    from .ollama_store import gguf_facts
+    from .store import gguf_facts
 
     for rel, digest in (req.get("files") or {}).items():
         path = local.get(digest)
@@ -541,7 +541,7 @@ def verify_served_prompt(http, model: str, req: dict[str, Any], required: bool =
     """The server's own render of a multi-turn sample conversation must equal the training render (the Go
     TEMPLATE render the modelfile stage proved equal to the HF chat template). A difference fails
     registration unless ollama.verify_prompt is false."""
-    from .chat_templates import CONVERSATIONS, render_go
+    from .templates import CONVERSATIONS, render_go
 
     template = req.get("template")
     if not template:
@@ -558,7 +558,7 @@ def verify_served_prompt(http, model: str, req: dict[str, Any], required: bool =
     except UserError as e:
         return {"checked": False, "why": e.message}
     if served != expected:
-        from .chat_templates import _first_diff
+        from .templates import _first_diff
 
         msg = (f"Ollama renders a different prompt for {model} than training did "
                f"({_first_diff(expected, served)})")
@@ -657,7 +657,7 @@ def _run_local(run_ref: str, prompt: str, system: str | None, max_tokens: int) -
     (Ollama's data model) and its stop parameters apply; without Go or a Modelfile it falls back to
     the GGUF's embedded jinja chat template, which the export stage keeps equal to the training one.
     """
-    from .runs import Run
+    from ..core.runs import Run
 
     run = Run.open(run_ref)
     gguf = _pick_gguf(run)
@@ -678,7 +678,7 @@ def _run_local(run_ref: str, prompt: str, system: str | None, max_tokens: int) -
         messages.insert(0, {"role": "system", "content": system})
     text = None
     if template:
-        from .chat_templates import render_go
+        from .templates import render_go
 
         try:
             text = render_go(template, messages, system=mf_system)
@@ -686,12 +686,12 @@ def _run_local(run_ref: str, prompt: str, system: str | None, max_tokens: int) -
             ui.warn(f"{e.message}; using the GGUF's own chat template instead")
     if text is None and mf_system and not system:
         messages.insert(0, {"role": "system", "content": mf_system})
-    from .native_worker import Contained
+    from ..core.native_worker import Contained
 
     log = gguf.parent.parent / "logs" / "llama.log" if gguf.parent.name == "gguf" else gguf.with_suffix(".log")
     with ui.status(f"loading {gguf.name}"):
         # a child process: a llama.cpp crash becomes a message, and its log stays out of the answer
-        llm = Contained("ollama_ft.eval_engines:LocalChat", gguf, what=f"llama.cpp ({gguf.name})", log_path=log)
+        llm = Contained("ollama_ft.eval.engines:LocalChat", gguf, what=f"llama.cpp ({gguf.name})", log_path=log)
     pieces = []
     try:
         for piece in llm.stream("stream", text, messages, max_tokens, stops):
@@ -709,7 +709,7 @@ def _pick_gguf(run) -> Path:
         raise UserError(f"{run.root} has no GGUF yet", hint=f"run `ollama-ft export {run.root}`")
     quant = "Q4_K_M"
     try:
-        from .config import load_config
+        from ..core.config import load_config
 
         quant = load_config(run.root / "run.yaml", []).config.ollama.quant
     except Exception:  # no or unreadable run.yaml: fall back to the usual default

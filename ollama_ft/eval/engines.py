@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
+from ..core.errors import UserError
 
 
 @dataclass
@@ -220,12 +220,12 @@ class ContainedLlamaCppEngine:
     name = "llama_cpp"
 
     def __init__(self, gguf: Path, template: str, log_path: Path | None = None, **kwargs):
-        from .native_worker import Contained
+        from ..core.native_worker import Contained
 
         self.path = Path(gguf)
         if not self.path.is_file():
             raise UserError(f"GGUF not found: {self.path}", hint="run `ollama-ft export RUN` first")
-        self._w = Contained("ollama_ft.eval_engines:LlamaCppEngine", self.path, template,
+        self._w = Contained("ollama_ft.eval.engines:LlamaCppEngine", self.path, template,
                             what=f"llama.cpp ({self.path.name})", log_path=log_path, **kwargs)
         self._stop_ids: set[int] = set()
 
@@ -261,7 +261,7 @@ class OllamaEngine:
     name = "ollama"
 
     def __init__(self, model: str, host: str | None, template: str):
-        from . import ollama_api
+        from ..ollama import api as ollama_api
 
         self._api = ollama_api
         self.model = model

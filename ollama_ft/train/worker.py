@@ -1,6 +1,6 @@
 """One data-parallel training process, started by torchrun from train._launch_distributed.
 
-    python -m torch.distributed.run --nproc_per_node N -m ollama_ft.train_worker --config CFG.json ...
+    python -m torch.distributed.run --nproc_per_node N -m ollama_ft.train.worker --config CFG.json ...
 
 torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; the Trainer initialises the process group (gloo on CPU,
 nccl on CUDA) and wraps the model in DDP. Rank 0 writes the outputs.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ollama_ft.train_worker")
+    p = argparse.ArgumentParser(prog="ollama_ft.train.worker")
     p.add_argument("--config", required=True, help="RunConfig as JSON")
     p.add_argument("--base", required=True)
     p.add_argument("--data", required=True)
@@ -23,10 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true")
     a = p.parse_args(argv)
 
-    from .config import RunConfig
-    from .errors import UserError
-    from .train import train_process
-    from .ui import print_error
+    from ..core.config import RunConfig
+    from ..core.errors import UserError
+    from ..core.ui import print_error
+    from .stage import train_process
 
     cfg = RunConfig.model_validate_json(Path(a.config).read_text())
     try:

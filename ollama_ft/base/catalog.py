@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
-from .errors import UserError
+from ..core.errors import UserError
 
 #: The one-line statement the README quotes about the ambiguous guide name.
 DEEPSEEK_7B_NOTE = (

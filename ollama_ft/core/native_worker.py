@@ -6,7 +6,7 @@ message. Export already ran its llama.cpp work in a subprocess; eval and `run --
 module too. The child's native log goes to a log file (the run's `logs/llama.log`), not into
 answers or tables; `--verbose` (OLLAMA_FT_VERBOSE=1) leaves it on the terminal.
 
-    eng = Contained("ollama_ft.eval_engines:LlamaCppEngine", gguf, template, log_path=run / "logs/llama.log")
+    eng = Contained("ollama_ft.eval.engines:LlamaCppEngine", gguf, template, log_path=run / "logs/llama.log")
     eng.call("generate", messages, 64)
     for piece in eng.stream("stream_completion", text, 128): ...
     eng.close()

@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import ui
-from .errors import UserError
-from .runs import atomic_write_text
+from ..core import ui
+from ..core.errors import UserError
+from ..core.runs import atomic_write_text
 
 # Relative tolerance for max|logits_merged - logits_peft| / max|logits_peft|. Rounding the merged weight
 # to the stored dtype (8 mantissa bits for bf16, 11 for fp16) is the only expected source of difference.
@@ -362,7 +362,7 @@ def logits_check(base_dir: Path, adapter_dir: Path, merged_dir: Path, seqs: list
     """
     import torch
 
-    from .hf_loading import adapter_disabled, attach_adapter, load_float32
+    from ..core.hf_loading import adapter_disabled, attach_adapter, load_float32
 
     offload_dir = Path(offload_dir or Path(merged_dir).parent / f".offload-{os.getpid()}")
     try:

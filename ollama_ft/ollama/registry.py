@@ -1,6 +1,6 @@
 """OCI distribution push/pull of Ollama models: `ollama-ft publish` and `ollama-ft install`.
 
-The wire format is Ollama's (contract §4.2, §5): a schema2 manifest
+The wire format is Ollama's (../shared/docs/ollama-contract.md §4.2, §5): a schema2 manifest
 (`application/vnd.docker.distribution.manifest.v2+json`), Ollama's config blob and layers typed
 `application/vnd.ollama.image.*`, pushed to `/v2/<namespace>/<model>/...` of any plain
 distribution registry. No Ollama server is needed to publish, and install does the pull itself
@@ -37,9 +37,11 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from . import ui
-from .errors import UserError
-from .ollama_store import (
+from ..core import ui
+from ..core.errors import UserError
+from ..core.names import ModelName, parse_name
+from ..core.runs import Run, atomic_write_text
+from .store import (
     MEDIA_ADAPTER,
     MEDIA_CONFIG,
     MEDIA_LICENSE,
@@ -53,7 +55,6 @@ from .ollama_store import (
     MEDIA_TEMPLATE,
     DigestMismatch,
     Layer,
-    ModelName,
     Store,
     build_config_blob,
     build_manifest,
@@ -61,9 +62,7 @@ from .ollama_store import (
     digest_bytes,
     gguf_facts,
     is_valid_digest,
-    parse_name,
 )
-from .runs import Run, atomic_write_text
 
 MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OLLAMA_MEDIA_PREFIX = "application/vnd.ollama.image."
@@ -484,14 +483,14 @@ def plan_from_run(run: Run) -> PushPlan:
 
 def _go_json_compact(obj: Any) -> bytes:
     """Go's json.Marshal (no trailing newline; map keys sorted), as Ollama writes params/messages layers."""
-    from .ollama_store import go_json
+    from .store import go_json
 
     return go_json(json.loads(json.dumps(obj, sort_keys=True)))[:-1]
 
 
 def _check_export_digest(run: Run, gguf: Path, digest: str | None = None) -> None:
     """The GGUF must be the one the export stage recorded (sha256 in manifest.json)."""
-    from .runs import sha256_file
+    from ..core.runs import sha256_file
 
     e = run.entry("export") or {}
     gguf_dir = run.root / "gguf"
@@ -594,7 +593,7 @@ def verify_plan(plan: PushPlan) -> None:
     bad = []
     for b in plan.blobs:
         if b.path is not None:
-            from .ollama_store import digest_file
+            from .store import digest_file
 
             actual, size = digest_file(b.path), b.path.stat().st_size
         else:
@@ -953,7 +952,7 @@ def _install_via_api(target: Target, local: ModelName, host: str | None,
     """Pull into a temp store ($TMPDIR), upload the weights Ollama lacks (HEAD first), then /api/create."""
     import ollama
 
-    from . import ollama_api
+    from . import api as ollama_api
 
     url = ollama_api.resolve_host(host)
     if not ollama_api.is_reachable(url):

@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import ui
-from .config import RunConfig
-from .errors import UserError
+from ..core import ui
+from ..core.config import RunConfig
+from ..core.errors import UserError
 from .plan import resolve_batching
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -44,7 +44,7 @@ def compute_choice(cfg: RunConfig):
     """The compute dtype for this config on this machine, with the reason (compute_dtype.ComputeDtype)."""
     import torch
 
-    from . import compute_dtype
+    from ..core import compute_dtype
 
     return compute_dtype.choose(cfg.model.compute_dtype, "cuda" if torch.cuda.is_available() else "cpu")
 
@@ -156,7 +156,7 @@ def _trainer_class():
     import torch
     from transformers import Trainer
 
-    from .train_loss import chunked_ce_sum
+    from .loss import chunked_ce_sum
 
     class QLoRATrainer(Trainer):
         """Trainer with the chunked loss, packing-aware token counting and token-weighted evaluation."""
@@ -304,7 +304,7 @@ def _callbacks():
 
 
 def _fingerprint(cfg: RunConfig, base_dir: Path, data_dir: Path) -> str:
-    from .runs import sha256_file
+    from ..core.runs import sha256_file
 
     tr = cfg.training.model_dump(mode="json")
     for k in ("tensorboard", "logging_steps", "eval_steps", "save_steps", "patience"):
@@ -389,9 +389,9 @@ def train_process(cfg: RunConfig, base_dir: Path, data_dir: Path, out: Path, che
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from transformers.utils import logging as hf_logging
 
-    from .runs import atomic_write_text
-    from .train_data import PackingCollator, PaddingCollator, load_split
-    from .train_display import MetricsCallback, memory_now, plot_loss_curve, read_metrics
+    from ..core.runs import atomic_write_text
+    from .data import PackingCollator, PaddingCollator, load_split
+    from .display import MetricsCallback, memory_now, plot_loss_curve, read_metrics
 
     base_dir, data_dir, out, checkpoints_dir = map(Path, (base_dir, data_dir, out, checkpoints_dir))
     out.mkdir(parents=True, exist_ok=True)
@@ -622,7 +622,7 @@ def _launch_distributed(cfg: RunConfig, base_dir: Path, data_dir: Path, out: Pat
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--nnodes", "1",
            "--master_addr", "127.0.0.1", "--master_port", str(port),
-           "-m", "ollama_ft.train_worker", "--config", str(cfg_file), "--base", str(base_dir),
+           "-m", "ollama_ft.train.worker", "--config", str(cfg_file), "--base", str(base_dir),
            "--data", str(data_dir), "--out", str(out), "--checkpoints", str(checkpoints_dir)]
     if resume:
         cmd.append("--resume")

@@ -28,9 +28,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from . import ui
-from .data_formats import FORMATS, Problem, Record, Report, iter_records
-from .errors import UserError
+from ..core import ui
+from ..core.errors import UserError
+from .formats import FORMATS, Problem, Record, Report, iter_records
 
 SPLITS = ("train", "validation", "test")
 _BATCH = 2048
@@ -48,7 +48,7 @@ def resolve_data_path(path: str | Path) -> Path:
     if p.exists():
         return p
     if not p.is_absolute():
-        pkg_root = Path(__file__).resolve().parent.parent
+        pkg_root = Path(__file__).resolve().parents[2]
         if (pkg_root / p).exists():
             return pkg_root / p
     raise UserError(f"data not found: {path}", hint="set data.path to a file or directory (jsonl, json, csv, "
@@ -58,8 +58,8 @@ def resolve_data_path(path: str | Path) -> Path:
 def data_files_digest(cfg) -> dict[str, str]:
     """sha256 of every data file the stage would read (part of the `data` stage fingerprint, so an
     edited data file re-runs the stage)."""
-    from .data_formats import list_files
-    from .runs import sha256_file
+    from ..core.runs import sha256_file
+    from .formats import list_files
 
     src = resolve_data_path(cfg.data.path)
     return {(p.relative_to(src).as_posix() if src.is_dir() else p.name): sha256_file(p)
@@ -91,7 +91,7 @@ def resolve_chat_template(cfg, base_dir: Path, tok) -> tuple[str, str]:
         raise UserError(f"the base model in {base_dir} has no chat template and no chat family is known",
                         hint="set model.chat_template to a chat family, e.g. --set model.chat_template=chatml")
     try:
-        from .chat_templates import family_jinja
+        from ..ollama.templates import family_jinja
     except ImportError:
         raise UserError(f"the base model has no chat template, and chat family fallbacks ('{family}') are not "
                         "available in this version", hint="use a base model that ships a chat template") from None
@@ -536,7 +536,7 @@ def build_data(cfg, base_dir: Path, out: Path) -> dict[str, Any]:
         "add_special_tokens": add_special,
         "tokenizer": type(tok).__name__,
     }
-    from .runs import atomic_write_text
+    from ..core.runs import atomic_write_text
 
     atomic_write_text(out / "stats.json", json.dumps(stats, indent=2) + "\n")
     _print_stats(stats, report)
@@ -646,7 +646,7 @@ def inspect_command(run: str, n: int = 3, split: str = "train") -> None:
     import pyarrow.parquet as pq
     from rich.text import Text
 
-    from .runs import Run
+    from ..core.runs import Run
 
     if split not in SPLITS:
         raise UserError(f"unknown split '{split}'", hint=f"splits: {', '.join(SPLITS)}")

@@ -7,8 +7,10 @@ runs/<run>/
   checkpoints/                     training checkpoints (outside adapter/ so Ctrl-C keeps them)
 
 A stage writes into `.<stage>.tmp-<pid>/` and is renamed into place only when complete, so an
-interrupted stage never leaves a partial output directory. A stage whose fingerprint (its config,
-the digests of its inputs, tool versions) matches the manifest is skipped.
+interrupted stage never leaves a partial output directory. A stage whose fingerprint (its settings
+and the digests of its inputs) matches the manifest is skipped. Tool versions are recorded in the
+manifest but are not part of the fingerprint: after upgrading llama.cpp or the converter, re-run the
+affected stage with --force.
 """
 
 from __future__ import annotations

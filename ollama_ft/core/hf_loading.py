@@ -25,7 +25,7 @@ RUNTIME_RESERVE = int(1.5 * GB)  # python, torch, activations and logits of a pr
 
 def float32_bytes(model_dir: Path) -> int:
     """Bytes of the model's weights in float32, from the safetensors headers (no weights read)."""
-    from .sources import safetensors_summary
+    from .hf_dir import safetensors_summary
 
     return safetensors_summary(model_dir)["parameters"] * 4
 

@@ -3,7 +3,7 @@
 A chat family is one way of laying out a conversation (ChatML, Llama 3, Gemma 3, ...). For each family
 this module holds:
 
-- `go_template`: a Go `text/template` for Ollama's Messages mode (contract section 6.1). It renders,
+- `go_template`: a Go `text/template` for Ollama's Messages mode (../shared/docs/ollama-contract.md §6.1). It renders,
   for the messages Ollama passes to it, exactly the text the Hugging Face jinja template renders for
   the same messages with `add_generation_prompt=True`. A conversation that ends with an assistant
   message is a prefill: its text is left open, as `continue_final_message=True` does in transformers.
@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ..core.errors import UserError
+from ..core.files import cache_root
 
 # ------------------------------------------------------------------------------------------
 # Go helpers shared by several families
@@ -456,7 +457,7 @@ def get_family(name: str) -> ChatFamily:
         raise UserError(
             f"unknown chat family '{name}': ollama-ft has no Go TEMPLATE for it",
             hint=f"known families: {', '.join(_FAMILIES)} (aliases: {', '.join(sorted(_ALIASES))}); "
-                 "a new family needs a Go template, stop tokens and a jinja template in ollama_ft/chat_templates.py")
+                 "a new family needs a Go template, stop tokens and a jinja template in ollama_ft/ollama/templates.py")
     return _FAMILIES[key]
 
 
@@ -556,7 +557,7 @@ def ollama_view(conv: Conversation | list[dict[str, str]], system: str | None = 
 
 
 # ------------------------------------------------------------------------------------------
-# Rendering: HF jinja (transformers) and Go text/template (ollama_ft/go_render, shipped as package data)
+# Rendering: HF jinja (transformers) and Go text/template (ollama_ft/ollama/go_render, shipped as package data)
 
 
 def render_hf(jinja: str, messages: list[dict[str, str]], *, bos_token: str | None = None,
@@ -579,7 +580,7 @@ def _go_source() -> Path:
     p = Path(env) if env else Path(__file__).resolve().parent / "go_render" / "main.go"
     if not p.is_file():
         raise UserError(f"the Go renderer source is missing: {p}",
-                        hint=f"reinstall ollama-ft, or set {_GO_SRC_ENV} to ollama_ft/go_render/main.go")
+                        hint=f"reinstall ollama-ft, or set {_GO_SRC_ENV} to ollama_ft/ollama/go_render/main.go")
     return p
 
 
@@ -593,7 +594,7 @@ def go_render_binary() -> Path:
                         hint="install it: `sudo apt-get install golang-go` (or `make system-deps`)")
     src = _go_source()
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ollama-ft" / "go_render"
+    cache = cache_root() / "go_render"
     binary = cache / f"go_render-{digest}"
     if binary.is_file():
         return binary

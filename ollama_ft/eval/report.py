@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import ui
-from .runs import Run, atomic_write_bytes, atomic_write_text
+from ..core import ui
+from ..core.runs import Run, atomic_write_bytes, atomic_write_text
 
 # Metrics on a 0..1 (or 0..100) scale shown side by side in metrics.png: key -> (label, scale)
 BAR_METRICS = {"rouge_l": ("ROUGE-L", 1.0), "bleu": ("BLEU/100", 100.0), "chrf": ("chrF/100", 100.0),

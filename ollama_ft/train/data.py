@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from ..core.errors import UserError
 
 
 class TokenizedSplit(torch.utils.data.Dataset):

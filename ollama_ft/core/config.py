@@ -444,7 +444,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def _ollama_name_problems(config: RunConfig) -> list[tuple[tuple, str]]:
     """ollama.name / ollama.tag checked when the config is loaded, not hours later at `register`:
     Ollama refuses names like 'Bad Name!' or 'a:b:c'."""
-    from .ollama_store import parse_name
+    from .names import parse_name
 
     out = []
     for key, value in (("name", config.ollama.name), ("tag", config.ollama.tag)):

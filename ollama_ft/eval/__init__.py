@@ -1,0 +1,1 @@
+"""The eval stage: base vs tuned model metrics, report and regression gate (runs/<run>/report/)."""

@@ -1,0 +1,1 @@
+"""The export stage: HF -> GGUF with llama.cpp's converter, quantized and verified (runs/<run>/gguf/)."""

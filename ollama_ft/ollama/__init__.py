@@ -1,0 +1,1 @@
+"""Ollama: model names, store, Modelfile, chat templates, HTTP API (register) and registry (publish)."""

@@ -1,0 +1,1 @@
+"""The train stage: QLoRA training of a PEFT adapter (runs/<run>/adapter/), and its resource plan."""
