@@ -588,8 +588,8 @@ def test_adapter_on_a_go_engine_architecture_is_refused_before_upload(fake_ollam
     _gguf_with_arch(root / "gguf" / "lora.gguf", "gemma3", adapter=True)
     mf = root / "Modelfile"
     mf.write_text("FROM gguf/base.gguf\nADAPTER gguf/lora.gguf\n")
-    from ollama_ft.config import RunConfig
-    from ollama_ft.runs import Run
+    from ollama_ft.core.config import RunConfig
+    from ollama_ft.core.runs import Run
 
     run = Run(root)
     run.record("modelfile", {"modelfile": str(mf)})

@@ -195,9 +195,9 @@ def test_adapter_route_where_the_server_can_load_it(real_ollama, tiny_llama, tin
     created and answering through the real server; the refusal for Go-engine bases is in test_ollama_api."""
     import ollama
 
-    from ollama_ft.config import RunConfig
-    from ollama_ft.export import build_gguf
-    from ollama_ft.merge import copy_side_files, merge_streamed
+    from ollama_ft.core.config import RunConfig
+    from ollama_ft.export.stage import build_gguf
+    from ollama_ft.merge.stage import copy_side_files, merge_streamed
     from tests.test_export import make_run
     from tests.test_merge import make_adapter
 

@@ -290,7 +290,7 @@ def refuse_unloadable_adapters(req: dict[str, Any], local: dict[str, Path], vers
     works instead (register the merged model, the default)."""
     if not req.get("adapters"):
         return
-    from .ollama_store import gguf_facts
+    from .store import gguf_facts
 
     for rel, digest in (req.get("files") or {}).items():
         path = local.get(digest)
