@@ -28,7 +28,7 @@ def _config(tmp_path: Path, base: Path, name: str) -> Path:
         "model": {"base": str(base), "adapter": "lora"},
         "data": {"path": str(data), "max_length": 128},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "training": {"batch_size": 2, "micro_batch_size": 2, "max_steps": 30, "eval_steps": 1000,
+        "training": {"batch_size": 2, "micro_batch_size": 2, "max_steps": 120, "eval_steps": 1000,
                      "save_steps": 1000, "learning_rate": 1e-3, "seed": 3, "logging_steps": 1},
     }
     p = tmp_path / f"{name}.yaml"
@@ -56,14 +56,21 @@ def test_sigint_during_training_exits_130_keeps_checkpoint_and_resumes_to_same_l
     proc = _train(cut_cfg)
     ckpt_dir = tmp_path / "runs" / "cut" / "checkpoints"
     deadline = time.time() + 300
-    # Interrupt once training has begun: rank 0 writes the checkpoint fingerprint before step 1.
-    while time.time() < deadline and not (ckpt_dir / "fingerprint.json").is_file():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
+    # Interrupt once training steps are running (the progress line of step 1 on stderr): a signal before
+    # the loop starts, or after it, is an interrupt without a training checkpoint to keep.
+    import threading
+
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+    while time.time() < deadline and not any(ln.startswith("step 1/") for ln in lines):
+        assert proc.poll() is None, "".join(lines)[-3000:]
+        time.sleep(0.05)
     assert (ckpt_dir / "fingerprint.json").is_file(), "training never started"
-    time.sleep(1.5)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=300)
+    proc.wait(timeout=300)
+    reader.join(timeout=10)
+    err = "".join(lines)
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err
     assert "checkpoint saved" in err and "re-run" in err
