@@ -518,12 +518,11 @@ def _real_host() -> str | None:
 
 
 @pytest.mark.ollama
-def test_register_against_a_real_ollama(tiny_gguf, tmp_path):
+def test_register_against_a_real_ollama(tiny_gguf, tmp_path, request):
+    """The user's own Ollama when OLLAMA_HOST answers (any version), else the one `make ollama` built."""
     import ollama
 
-    host = _real_host()
-    if host is None:
-        pytest.skip("no Ollama server answers at OLLAMA_HOST (set OLLAMA_HOST to a running `ollama serve`)")
+    host = _real_host() or request.getfixturevalue("real_ollama").host
     name = f"ollama-ft-test-{os.getpid()}"
     cfg, run, _ = _make_run(tmp_path, tiny_gguf, name=name)
     client = ollama.Client(host=host)
