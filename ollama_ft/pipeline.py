@@ -37,6 +37,10 @@ def stage_settings(cfg: RunConfig, stage: str) -> dict[str, Any]:
         from .data.stage import data_files_digest
 
         settings = {**settings, "files": data_files_digest(cfg)}
+    from .core.runs import STAGE_TOOLS, versions_of
+
+    if stage in STAGE_TOOLS:  # an upgraded library re-runs the stages whose output it shapes
+        settings = {**settings, "tools": versions_of(STAGE_TOOLS[stage])}
     return settings
 
 

