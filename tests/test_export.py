@@ -355,3 +355,20 @@ def test_a_quantization_that_undoes_the_fine_tune_is_called_out(tiny_llama, tmp_
     assert "Q4_K_M: answer perplexity" in err and "undoes much of the fine-tune" in err
     assert info["verify"]["Q4_K_M"]["answer_ppl_increase"] is not None
     assert "answer ppl" in info["summary"]
+
+
+def test_gguf_dataset_description_comes_from_the_data_stage_stats(tmp_path):
+    """general.datasets[0].description is built from what the data stage writes in data/stats.json."""
+    from ollama_ft.export.stage import lineage_metadata
+
+    root = tmp_path / "run"
+    (root / "base").mkdir(parents=True)
+    (root / "base" / "ollama_ft_base.json").write_text(json.dumps({"spec": "tiny", "hf_repo": "example/tiny"}))
+    (root / "data").mkdir()
+    (root / "data" / "stats.json").write_text(json.dumps({
+        "counts": {"train": 245, "validation": 49, "test": 49},
+        "splits": {"train": {"examples": 245, "tokens": 17000, "trained_tokens": 4800}}}))
+    meta = lineage_metadata(RunConfig(name="tinyrun"), Run(root))
+    ds = meta["general.datasets"][0]
+    assert ds["name"] == "clinic_sample.jsonl"
+    assert ds["description"] == "245 training examples (4800 trained tokens), 49 validation, 49 test"

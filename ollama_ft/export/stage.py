@@ -60,10 +60,13 @@ def lineage_metadata(cfg, run) -> dict[str, Any]:
     if stats_path is not None and stats_path.is_file():
         try:
             stats = json.loads(stats_path.read_text())
-            n = stats.get("examples") or stats.get("n_examples") or stats.get("total")
-            if n:
-                ds["description"] = f"{n} examples"
-        except json.JSONDecodeError:
+            # data/stats.json (the data stage): per-split example counts and trained tokens
+            counts = stats.get("counts") or {}
+            train = (stats.get("splits") or {}).get("train") or {}
+            if counts.get("train"):
+                ds["description"] = (f"{counts['train']} training examples ({train.get('trained_tokens', '?')} trained "
+                                     f"tokens), {counts.get('validation', 0)} validation, {counts.get('test', 0)} test")
+        except (json.JSONDecodeError, AttributeError):
             pass
     meta["general.datasets"] = [ds]
     return meta
