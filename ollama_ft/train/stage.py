@@ -95,8 +95,11 @@ def pick_device_and_dtype(cfg: RunConfig):
 # Model
 
 
-def load_model(cfg: RunConfig, base_dir: Path, device: str, dtype, local_rank: int = 0):
-    """Base model (NF4 4-bit with double quantization, or plain) with LoRA adapters attached."""
+def load_model(cfg: RunConfig, base_dir: Path, device: str, dtype, local_rank: int = 0,
+               checkpointing: bool | None = None):
+    """Base model (NF4 4-bit with double quantization, or plain) with LoRA adapters attached.
+
+    checkpointing: the resolved gradient-checkpointing decision (None: resolve it here)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -119,7 +122,9 @@ def load_model(cfg: RunConfig, base_dir: Path, device: str, dtype, local_rank: i
     # LoRA weights are fp32 anyway (peft's autocast_adapter_dtype) and the optimizer state follows them.
     for p in model.parameters():
         p.requires_grad_(False)
-    if resolve_checkpointing(cfg, base_dir, device)[0]:
+    if checkpointing is None:
+        checkpointing = resolve_checkpointing(cfg, base_dir, device)[0]
+    if checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
@@ -415,9 +420,12 @@ def train_process(cfg: RunConfig, base_dir: Path, data_dir: Path, out: Path, che
         eval_ds = None
 
     device, dtype, optim = pick_device_and_dtype(cfg)
+    # Resolved once: "auto" checkpointing reads free memory, which may change during the run.
+    dtype_reason = compute_choice(cfg).reason
+    checkpointing, checkpointing_why = resolve_checkpointing(cfg, base_dir, device)
     if is_main:
-        ui.info(f"compute dtype: {str(dtype).removeprefix('torch.')} ({compute_choice(cfg).reason}); "
-                f"gradient checkpointing {resolve_checkpointing(cfg, base_dir, device)[1]}")
+        ui.info(f"compute dtype: {str(dtype).removeprefix('torch.')} ({dtype_reason}); "
+                f"gradient checkpointing {checkpointing_why}")
     micro, accum, global_batch = resolve_batching(t.batch_size, t.micro_batch_size, world)
     if global_batch != t.batch_size and is_main:
         ui.warn(f"training.batch_size={t.batch_size} is not a multiple of micro batch {micro} x {world} "
@@ -441,7 +449,7 @@ def train_process(cfg: RunConfig, base_dir: Path, data_dir: Path, out: Path, che
             resume_from = newest_checkpoint(checkpoints_dir)
 
     torch.manual_seed(t.seed)
-    model = load_model(cfg, base_dir, device, dtype, local_rank)
+    model = load_model(cfg, base_dir, device, dtype, local_rank, checkpointing=checkpointing)
 
     metrics_path = checkpoints_dir / "metrics.jsonl"
     args = TrainingArguments(
@@ -539,15 +547,14 @@ def train_process(cfg: RunConfig, base_dir: Path, data_dir: Path, out: Path, che
             "hyperparameters": {
                 "quantization": "nf4+double-quant" if cfg.load_in_4bit else "none",
                 "compute_dtype": str(dtype).removeprefix("torch."), "device": device,
-                "compute_dtype_reason": compute_choice(cfg).reason,
+                "compute_dtype_reason": dtype_reason,
                 "lora_r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout,
                 "target_modules": cfg.lora.target_modules, "learning_rate": t.learning_rate,
                 "lr_scheduler": t.lr_scheduler, "warmup_steps": warmup, "weight_decay": cfg.optimizer.weight_decay,
                 "max_grad_norm": t.max_grad_norm, "optimizer": optim, "global_batch": global_batch,
                 "micro_batch": micro, "gradient_accumulation": accum, "processes": world,
                 "packing": t.packing, "loss_chunk_size": t.loss_chunk_size,
-                "gradient_checkpointing": resolve_checkpointing(cfg, base_dir, device)[0],
-                "gradient_checkpointing_reason": resolve_checkpointing(cfg, base_dir, device)[1], "seed": t.seed, "max_steps": total_steps,
+                "gradient_checkpointing": checkpointing, "gradient_checkpointing_reason": checkpointing_why, "seed": t.seed, "max_steps": total_steps,
             },
             "steps": trainer.state.global_step,
             "epochs": round(trainer.state.epoch or 0.0, 4),
