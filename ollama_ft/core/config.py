@@ -43,6 +43,9 @@ class ModelSettings(_Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights dtype of a base dequantized from GGUF (auto: F32/F16/BF16 GGUFs keep theirs, "
         "quantized ones become bfloat16); HF checkpoints are kept as published")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel for training. auto / flash_attention_2: flash-attention 2 on CUDA "
+        "when the flash_attn package is installed, sdpa otherwise (`ollama-ft doctor` shows which)")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype torch computes in (training, incl. 4-bit compute). auto: bfloat16 on a GPU "
         "or a CPU with native bf16 (avx512_bf16/AMX), float32 on other CPUs, where bf16 is ~100x slower")
@@ -66,11 +69,37 @@ class DataSettings(_Section):
         return v
 
 
+_LAYERS_RE = re.compile(r"^\s*(all|(last|first)\s+([0-9]+))\s*$")
+
+
 class LoraSettings(_Section):
     r: int = Field(16, ge=1, le=1024)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    target_modules: list[str] | Literal["all-linear", "attention", "mlp"] = Field(
+        "all-linear", description="Linear layers that get LoRA: all-linear, attention (q/k/v/o), mlp "
+        "(gate/up/down), or a list of module names")
+    layers: str | list[int] = Field("all", description="Decoder layers that get LoRA: all, 'last N', 'first N' "
+                                    "or a list of layer indices (peft layers_to_transform)")
+    loraplus_lr_ratio: float | None = Field(None, ge=1, description="LoRA+: learning rate of the B matrices "
+                                            "= this x training.learning_rate (A keeps it); the paper uses 16")
+    modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full and saved "
+                                       "with the adapter, e.g. [lm_head] or [embed_tokens]")
+    embedding_learning_rate: float | None = Field(None, gt=0, description="Learning rate of a trained input "
+                                                  "embedding (in modules_to_save); default training.learning_rate")
+    lm_head_learning_rate: float | None = Field(None, gt=0, description="Learning rate of a trained LM head "
+                                                "(in modules_to_save); default training.learning_rate")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_form(cls, v: str | list[int]) -> str | list[int]:
+        if isinstance(v, list):
+            if not v or any(i < 0 for i in v) or len(set(v)) != len(v):
+                raise ValueError(f"a layer list must be distinct indices >= 0, got {v}")
+            return sorted(v)
+        if not _LAYERS_RE.match(v) or v.split()[-1] == "0":
+            raise ValueError("expected all, 'last N', 'first N' (N >= 1) or a list of layer indices")
+        return " ".join(v.split())
 
 
 class TrainingSettings(_Section):
@@ -95,7 +124,46 @@ class TrainingSettings(_Section):
     loss_chunk_size: int = Field(256, ge=16, description="Trained tokens per chunk in the chunked cross-entropy "
                                  "(256 x a 152k vocab = 0.3 GB of logits)")
     tensorboard: bool = False
-    nproc: int = Field(1, ge=1, description="Data-parallel processes (torchrun)")
+    nproc: int = Field(1, ge=1, description="Data-parallel processes per node (torchrun)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the training loss (as "
+                                   "torch cross_entropy's); evaluation loss and perplexity stay unsmoothed")
+    min_learning_rate: float | None = Field(None, ge=0, description="Cosine decay ends at this learning rate "
+                                            "instead of 0 (the guides' eta_min, e.g. 1e-6)")
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="With nproc > 1 or nnodes > 1: ddp = a full "
+                                                "copy per process; fsdp = the base sharded over processes "
+                                                "(a model that does not fit one GPU, even in 4 bits)")
+    nnodes: int = Field(1, ge=1, description="Machines taking part (torchrun --nnodes); > 1 needs rdzv_endpoint")
+    node_rank: int | None = Field(None, ge=0, description="This machine's rank (static rendezvous); c10d "
+                                  "assigns ranks itself")
+    rdzv_endpoint: str | None = Field(None, description="HOST:PORT of the rendezvous (torchrun --rdzv-endpoint)")
+    rdzv_backend: Literal["c10d", "static"] = Field("c10d", description="torchrun rendezvous backend")
+    rdzv_id: str | None = Field(None, description="Job id shared by every node (default: the run name)")
+    from_adapter: str | None = Field(None, description="Continue a previous run's adapter (run name or runs/<run>) "
+                                     "instead of a fresh one; `ollama-ft train CONFIG --from-adapter RUN`")
+
+    @model_validator(mode="after")
+    def _schedule(self) -> TrainingSettings:
+        if self.min_learning_rate is not None:
+            if self.lr_scheduler != "cosine":
+                raise ValueError(f"min_learning_rate needs lr_scheduler: cosine (got {self.lr_scheduler})")
+            if self.min_learning_rate >= self.learning_rate:
+                raise ValueError(f"min_learning_rate ({self.min_learning_rate}) must be below learning_rate "
+                                 f"({self.learning_rate})")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint (HOST:PORT of the first node)")
+        return self
+
+
+class StageSpec(_Section):
+    """One stage of multi-stage tuning; unset fields take the training section's value."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Stage name (directory-safe)")
+    data: str | None = Field(None, description="Data file or directory of this stage (default: data.path)")
+    learning_rate: float = Field(gt=0)
+    epochs: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    min_learning_rate: float | None = Field(None, ge=0)
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
 
 
 class OptimizerSettings(_Section):
@@ -159,6 +227,24 @@ class RunConfig(_Section):
     ollama: OllamaSettings = Field(default_factory=OllamaSettings)
     publish: PublishSettings = Field(default_factory=PublishSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    stages: list[StageSpec] = Field(default_factory=lambda: [], description=(
+        "Multi-stage tuning (e.g. general -> domain -> task): each stage continues the previous stage's best "
+        "adapter with its own data, epochs/max_steps and learning rate"))
+
+    @model_validator(mode="after")
+    def _train_consistency(self) -> RunConfig:
+        names = [s.name for s in self.stages]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"stages: names must be unique, repeated: {', '.join(dup)}")
+        for k, st in enumerate(self.stages):
+            if st.min_learning_rate is not None and st.min_learning_rate >= st.learning_rate:
+                raise ValueError(f"stages[{k}] ({st.name}): min_learning_rate must be below its learning_rate")
+        lr_given = self.lora.embedding_learning_rate or self.lora.lm_head_learning_rate
+        if lr_given and not self.lora.modules_to_save:
+            raise ValueError("lora.embedding_learning_rate / lm_head_learning_rate need lora.modules_to_save "
+                             "(e.g. [embed_tokens, lm_head]): only a trained module has a learning rate")
+        return self
 
     @model_validator(mode="after")
     def _aliases(self) -> RunConfig:
@@ -295,6 +381,20 @@ def _check_unknown(data: dict, model: type[BaseModel], path: tuple, problems: li
         ann = known[key].annotation
         if isinstance(value, dict) and isinstance(ann, type) and issubclass(ann, BaseModel):
             _check_unknown(value, ann, (*path, key), problems)
+        item = _list_item_model(ann)
+        if isinstance(value, list) and item is not None:  # e.g. stages: [{name, data, ...}]
+            for i, v in enumerate(value):
+                if isinstance(v, dict):
+                    _check_unknown(v, item, (*path, key, i), problems)
+
+
+def _list_item_model(ann: Any) -> type[BaseModel] | None:
+    """The model of a `list[SomeModel]` field, else None."""
+    args = getattr(ann, "__args__", ())
+    if getattr(ann, "__origin__", None) is list and args and isinstance(args[0], type) \
+            and issubclass(args[0], BaseModel):
+        return args[0]
+    return None
 
 
 def _section_model(name: str) -> type[BaseModel]:
@@ -320,6 +420,40 @@ def _normalise_short_form(data: dict) -> dict:
         if model.get("adapter") == "lora" and model.get("quantization") == "bitsandbytes_4bit":
             model = {**model, "adapter": "qlora"}
             data = {**data, "model": model}
+    return data
+
+
+_ATTENTION_TYPES = {"flash_attn": "flash_attention_2", "flash_attention": "flash_attention_2",
+                    "flash_attention_2": "flash_attention_2", "fa2": "flash_attention_2", "sdpa": "sdpa",
+                    "eager": "eager", "auto": "auto"}
+
+
+def _guide_blocks(data: dict, sources: dict[str, str], problems: list[tuple[tuple, str]]) -> dict:
+    """Top-level blocks copied from fine-tuning guides: `attention: {type: flash_attn}` becomes
+    model.attn_implementation; a `quantization:` block (quantization-aware training, e.g. AWQ) gets the
+    route ollama-ft takes instead, rather than a did-you-mean to model.quantization."""
+    att = data.get("attention")
+    if isinstance(att, dict) and set(att) <= {"type"} and str(att.get("type", "")).lower() in _ATTENTION_TYPES:
+        impl = _ATTENTION_TYPES[str(att["type"]).lower()]
+        model = data.get("model") if isinstance(data.get("model"), dict) else {}
+        data = {k: v for k, v in data.items() if k != "attention"}
+        data["model"] = {**model, "attn_implementation": model.get("attn_implementation", impl)}
+        sources.setdefault("model.attn_implementation", f"{sources.get('attention.type', '?')} (attention.type)")
+    elif att is not None:
+        problems.append((("attention",), f"'attention': expected `attention: {{type: flash_attn}}` (or sdpa, "
+                         f"eager); it sets model.attn_implementation (got {att!r})"))
+        data = {k: v for k, v in data.items() if k != "attention"}
+    q = data.get("quantization")
+    if q is not None:
+        kind = q.get("type") if isinstance(q, dict) else q
+        problems.append((("quantization",), (
+            f"'quantization' (type: {kind}): quantization-aware training (AWQ/GPTQ-style weight_dtype/"
+            "activate_dtype) is not the route ollama-ft takes. It trains QLoRA on an NF4 4-bit base "
+            "(model.adapter: qlora, model.quantization: bitsandbytes_4bit), merges into the full-precision "
+            "base, then quantizes to GGUF k-quants (export.quants: [Q4_K_M, Q5_K_M, Q6_K, Q8_0]); the eval "
+            "report's per-quant drift table shows what each quant costs. Remove this block and choose the "
+            "served quant with export.quants / ollama.quant")))
+        data = {k: v for k, v in data.items() if k != "quantization"}
     return data
 
 
@@ -407,6 +541,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     data = _normalise_short_form(data)
 
     problems: list[tuple[tuple, str]] = []
+    data = _guide_blocks(data, sources, problems)
     _check_unknown(data, RunConfig, (), problems)
     # Validate what is left so that type errors are reported together with unknown keys.
     cleaned = _drop_paths(data, [pp for pp, _ in problems])
@@ -463,7 +598,10 @@ def _drop_paths(data: dict, paths: list[tuple]) -> dict:
     for path in paths:
         cur = out
         for k in path[:-1]:
-            cur = cur.get(k, {}) if isinstance(cur, dict) else {}
+            if isinstance(cur, list):  # a list item, e.g. stages[0]
+                cur = cur[k] if isinstance(k, int) and 0 <= k < len(cur) else {}
+            else:
+                cur = cur.get(k, {}) if isinstance(cur, dict) else {}
         if isinstance(cur, dict):
             cur.pop(path[-1], None)
     return out
