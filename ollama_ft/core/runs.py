@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .files import sha256_file
 
 # Order matters: it is the pipeline order, and "stale" propagates downstream.
 # eval runs before register: registration is gated on it (a significantly worse model is refused).
@@ -76,17 +77,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def sha256_tree(root: Path) -> dict[str, str]:

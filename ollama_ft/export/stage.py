@@ -22,6 +22,7 @@ from typing import Any
 
 from ..core import ui
 from ..core.errors import UserError
+from ..core.files import human_bytes, read_base_meta
 from ..core.runs import atomic_write_text
 from .gguf import eval_gguf, quantize, verify_gguf_file
 
@@ -37,13 +38,7 @@ QUANT_LOSS_WARN = 0.25  # answer perplexity this much above F16's: say the quant
 def lineage_metadata(cfg, run) -> dict[str, Any]:
     """general.* keys for the converter's --metadata file: name, finetune, base model, datasets."""
     meta: dict[str, Any] = {"general.name": cfg.ollama_name, "general.finetune": cfg.run_name}
-    base_json = Path(run.root) / "base" / "ollama_ft_base.json" if run is not None else None
-    base: dict[str, Any] = {}
-    if base_json is not None and base_json.is_file():
-        try:
-            base = json.loads(base_json.read_text())
-        except json.JSONDecodeError:
-            base = {}
+    base = read_base_meta(Path(run.root) / "base") if run is not None else {}
     entry: dict[str, Any] = {"name": base.get("hf_repo") or base.get("spec") or cfg.model.base}
     if base.get("hf_repo"):
         entry["repo_url"] = f"https://huggingface.co/{base['hf_repo']}"
@@ -218,7 +213,7 @@ def build_gguf(cfg, run, merged_dir: Path, out: Path) -> dict[str, Any]:
     atomic_write_text(out / "verify.json", json.dumps(report, indent=2) + "\n")
     _print_table(results)
     default_q = cfg.ollama.quant if cfg.ollama.quant in files else next(iter(files))
-    summary = ", ".join(f"{q} {r['bytes'] / 2**20:.0f} MiB"
+    summary = ", ".join(f"{q} {human_bytes(r['bytes'])}"
                         + (f" answer ppl {r['answer_ppl']:.3g}" if r.get("answer_ppl")
                            else f" ppl {r['ppl']:.3g}" if r.get("ppl") else "")
                         for q, r in results.items())
@@ -380,7 +375,7 @@ def _print_table(results: dict[str, dict[str, Any]]) -> None:
     for q, r in results.items():
         key = "answer_ppl" if answer else "ppl"
         inc = r.get("answer_ppl_increase" if answer else "ppl_increase")
-        rows.append([q, r["file"], f"{r['bytes'] / 2**20:.1f} MiB", r["tensors"],
+        rows.append([q, r["file"], human_bytes(r['bytes']), r["tensors"],
                      "yes" if r.get("loaded") else "not checked",
                      {True: "equal", False: "DIFFERS", None: "-"}[r.get("tokenizer_parity")],
                      f"{r['ppl']:.4g}" if r.get("ppl") else "-",

@@ -26,6 +26,7 @@ from typing import Any
 
 from ..core import ui
 from ..core.errors import UserError
+from ..core.files import human_bytes
 from ..core.runs import atomic_write_text
 
 # Relative tolerance for max|logits_merged - logits_peft| / max|logits_peft|. Rounding the merged weight
@@ -435,7 +436,7 @@ def build_merged(cfg, base_dir: Path, adapter_dir: Path, data_dir: Path | None, 
             details=[f"max abs diff {check['max_abs_diff']:.4g} over {check['tokens']} tokens, logit scale {check['logit_scale']:.4g}"],
         )
     ui.success(f"merge: {stats['modules_merged']} LoRA modules merged; logits match within "
-               f"{check['relative_diff']:.2e} (tolerance {tol:g}); peak RSS {stats['peak_rss_bytes'] / 2**20:.0f} MiB")
+               f"{check['relative_diff']:.2e} (tolerance {tol:g}); peak RSS {human_bytes(stats['peak_rss_bytes'])}")
     return {
         "merge_base": merge_base,
         "modules_merged": stats["modules_merged"],

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..core import ui
 from ..core.errors import UserError
+from ..core.files import human_bytes
 from ..core.names import ModelName, parse_name
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
@@ -252,7 +253,7 @@ def register_run(cfg, run, host: str, gate_force: bool = False) -> dict[str, Any
         client._client.close()
     seconds = round(time.time() - t0, 2)
     summary = (f"{name.display} registered at {host}: "
-               f"{'no upload needed (blobs already there)' if skipped else f'{uploaded / 1e6:.1f} MB uploaded'}; "
+               f"{'no upload needed (blobs already there)' if skipped else f'{human_bytes(uploaded)} uploaded'}; "
                f"show matches; chat answered {len(verify['chat_reply'])} characters")
     return {
         "model": name.display,
@@ -354,10 +355,10 @@ def _sync_blobs(http, local: dict[str, Path], host: str, name: ModelName, modelf
         for digest, path in missing:
             size = path.stat().st_size
             if not ui.err.is_terminal:
-                ui.info(f"uploading {path.name} ({size / 1e6:.1f} MB) to {host}")
+                ui.info(f"uploading {path.name} ({human_bytes(size)}) to {host}")
             task = prog.add_task(f"uploading {path.name}", total=size)
             sent += upload_blob(http, path, digest, prog, task)
-    ui.success(f"uploaded {sent / 1e6:.1f} MB in {time.time() - t0:.1f}s")
+    ui.success(f"uploaded {human_bytes(sent)} in {time.time() - t0:.1f}s")
     return sent, False
 
 

@@ -182,16 +182,15 @@ class Modelfile:
         `files`/`adapters`/`draft_files` (keyed by base name, or by path relative to the common parent
         for directories); a FROM path that does not exist is sent as `from` (a model name)."""
         base = Path(modelfile_dir)
-        known = {str(Path(k).resolve()): v for k, v in (known_digests or {}).items()}
         fields: dict[str, Any] = {}
         blobs: dict[str, Path] = {}
 
         def hashed(paths: dict[str, Path]) -> dict[str, str]:
-            from ..core.runs import sha256_file
+            from ..core.files import digest_file
 
             out = {}
             for key, p in paths.items():
-                digest = known.get(str(p.resolve())) or "sha256:" + sha256_file(p)
+                digest = digest_file(p, known_digests)
                 out[key] = digest
                 blobs[digest] = p
             return out
@@ -764,15 +763,10 @@ def build_modelfile(cfg, run, out: Path) -> dict[str, Any]:
     for k, v in VERSION_DEPENDENT_DEFAULTS.items():
         params.setdefault(k, format_parameter(k, v))
     warn_think_filter(name, plan.family.name)
-    licenses = []
-    meta = run.root / "base" / "ollama_ft_base.json"
-    if meta.is_file():
-        try:
-            lic = json.loads(meta.read_text()).get("license")
-        except (json.JSONDecodeError, AttributeError):
-            lic = None
-        if isinstance(lic, str) and lic.strip():
-            licenses.append(lic)
+    from ..core.files import read_base_meta
+
+    lic = read_base_meta(run.root / "base").get("license")
+    licenses = [lic] if isinstance(lic, str) and lic.strip() else []
     with ui.status(f"modelfile: checking the {plan.family.name} TEMPLATE against {plan.jinja_path.name}"):
         rep = _fidelity(plan, system, run, require_go=False)
     if not rep.ok:

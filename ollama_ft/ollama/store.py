@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..core.errors import UserError
+from ..core.files import digest_file  # noqa: F401 (registry.py imports it from here until it switches)
 from ..core.names import ModelName, parse_name
+from ..core.runs import atomic_write_bytes
 
 # -------------------------------------------------------------------------------------------
 # Media types (§4.2)
@@ -58,14 +60,6 @@ def is_valid_digest(digest: str) -> bool:
 
 def digest_bytes(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def digest_file(path: Path | str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return "sha256:" + h.hexdigest()
 
 
 class DigestMismatch(UserError):
@@ -347,8 +341,6 @@ class Store:
         return exact
 
     def write_manifest(self, name: ModelName | str, manifest_bytes: bytes) -> Path:
-        from ..core.runs import atomic_write_bytes
-
         n = parse_name(name) if isinstance(name, str) else name
         path = self.manifest_path(n)  # keeps an existing model's casing
         atomic_write_bytes(path, manifest_bytes)

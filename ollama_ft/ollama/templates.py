@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import UserError
-from ..core.files import cache_root
+from ..core.files import cache_root, sha256_file
 
 # ------------------------------------------------------------------------------------------
 # Go helpers shared by several families
@@ -586,14 +586,12 @@ def _go_source() -> Path:
 
 def go_render_binary() -> Path:
     """Build (once per source version) and return the Go renderer binary."""
-    import hashlib
-
     go = shutil.which("go")
     if go is None:
         raise UserError("Go is not installed: the TEMPLATE fidelity check renders with Go's own text/template",
                         hint="install it: `sudo apt-get install golang-go` (or `make system-deps`)")
     src = _go_source()
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+    digest = sha256_file(src)[:16]
     cache = cache_root() / "go_render"
     binary = cache / f"go_render-{digest}"
     if binary.is_file():
