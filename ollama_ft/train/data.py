@@ -69,20 +69,27 @@ def _shifted(labels: list[int]) -> list[int]:
 
 
 class PackingCollator:
-    """Concatenate a micro-batch into one padding-free row with per-example position ids."""
+    """Concatenate a micro-batch into one padding-free row with per-example position ids.
+
+    transformers' DataCollatorWithFlattening does the flattening (ids, restarting position_ids, the
+    first label of each example set to -100, and cu_seq_lens for flash-attention when asked); here the
+    targets are shifted on top of it. Shifting its labels left by one gives exactly the per-example
+    shift (`test_packing_collator_equals_per_example_shift`), because the -100 it puts on each
+    example's first token is what the previous example's last position would otherwise predict.
+    """
+
+    def __init__(self, flash_attn_kwargs: bool = False):
+        from transformers import DataCollatorWithFlattening
+
+        self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100,
+                                                  return_flash_attn_kwargs=flash_attn_kwargs)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        ids: list[int] = []
-        pos: list[int] = []
-        tgt: list[int] = []
-        for ex in examples:
-            x = list(ex["input_ids"])
-            ids += x
-            pos += range(len(x))
-            tgt += _shifted(ex["labels"])
-        t = torch.tensor
-        return {"input_ids": t([ids]), "position_ids": t([pos]), "shift_labels": t([tgt]),
-                "labels": t([tgt])}
+        batch = self.flatten([{"input_ids": list(ex["input_ids"]), "labels": list(ex["labels"])}
+                              for ex in examples])
+        labels = batch.pop("labels")
+        tgt = torch.cat([labels[:, 1:], torch.full((1, 1), -100, dtype=labels.dtype)], dim=1)
+        return {**batch, "shift_labels": tgt, "labels": tgt}
 
 
 class PaddingCollator:
