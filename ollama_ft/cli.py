@@ -280,6 +280,16 @@ def eval_(
     run_single_stage(run, "eval", force=force, overrides=overrides)
 
 
+# Registry login and TLS, shared by publish and install. The password is never an option value
+# (visible in `ps` and shell history): it comes from stdin, a prompt, the environment or docker's config.
+UsernameOpt = Annotated[str | None, typer.Option(
+    help="Registry user; the password is read from --password-stdin, else asked on the terminal "
+         "(default: $OLLAMA_FT_REGISTRY_USER/_PASSWORD, then ~/.docker/config.json)")]
+PasswordStdinOpt = Annotated[bool, typer.Option(help="Read the registry password from the first line of stdin")]
+CaCertOpt = Annotated[Path | None, typer.Option(
+    help="PEM file of the CA that signed the registry's TLS certificate (added to the system store)")]
+
+
 @app.command()
 def publish(
     name: Annotated[str, typer.Argument(help="Ollama model name or run name, e.g. my-medical-model")],
@@ -289,35 +299,45 @@ def publish(
     insecure: Annotated[bool, typer.Option(help="Allow plain HTTP to a non-loopback registry")] = False,
     store: Annotated[Path | None, typer.Option(help="Read the model from this Ollama store (default: run artifacts, then ~/.ollama/models)")] = None,
     chunk_mb: Annotated[float, typer.Option(help="Upload chunk size in MiB; an interrupted publish resumes at a chunk boundary")] = 64,
+    username: UsernameOpt = None,
+    password_stdin: PasswordStdinOpt = False,
+    ca_cert: CaCertOpt = None,
 ) -> None:
     """Push a model to an OCI registry in Ollama's format (no Ollama server needed).
 
     Blobs the registry already has are skipped; run the same command again after an
     interruption and only the missing bytes are sent.
+
+    A registry that asks for a login gets, first found: --username with the password from
+    --password-stdin or a prompt; $OLLAMA_FT_REGISTRY_USER + $OLLAMA_FT_REGISTRY_PASSWORD; the
+    registry's entry in ~/.docker/config.json (`docker login`). Basic auth and bearer tokens both work.
     """
-    from .ollama.registry import publish_command
+    from .ollama.registry_push import publish_command
 
-    registry, tag, insecure = _publish_defaults(name, registry, tag, insecure)
+    registry, tag, insecure, ca_cert = _publish_defaults(name, registry, tag, insecure, ca_cert)
     publish_command(name, registry=registry, tag=tag, insecure=insecure, store=store,
-                    chunk_size=max(1, int(chunk_mb * (1 << 20))))
+                    chunk_size=max(1, int(chunk_mb * (1 << 20))), username=username,
+                    password_stdin=password_stdin, ca_cert=ca_cert)
 
 
-def _publish_defaults(name: str, registry: str | None, tag: str | None, insecure: bool) -> tuple[str, str | None, bool]:
-    """--registry/--tag/--insecure, else the run config's `publish` section, else $OLLAMA_FT_REGISTRY."""
+def _publish_defaults(name: str, registry: str | None, tag: str | None, insecure: bool,
+                      ca_cert: Path | None) -> tuple[str, str | None, bool, Path | None]:
+    """--registry/--tag/--insecure/--ca-cert, else the run config's `publish` section, else $OLLAMA_FT_REGISTRY."""
     run_yaml = Path(name) / "run.yaml" if Path(name).is_dir() else Path("runs") / name / "run.yaml"
-    if run_yaml.is_file() and (registry is None or tag is None):
+    if run_yaml.is_file() and (registry is None or tag is None or ca_cert is None):
         from .core.config import load_config
 
         pub = load_config(run_yaml).config.publish
         registry = registry or pub.registry
         tag = tag or pub.tag
         insecure = insecure or pub.insecure
+        ca_cert = ca_cert or (Path(pub.ca_cert) if pub.ca_cert else None)
     registry = registry or os.environ.get("OLLAMA_FT_REGISTRY")
     if not registry:
         raise UserError("no registry given for publish",
                         hint="pass --registry HOST:PORT/namespace, set publish.registry in the config, "
                              "or export OLLAMA_FT_REGISTRY (make publish REGISTRY=...)")
-    return registry, tag, insecure
+    return registry, tag, insecure, ca_cert
 
 
 @app.command()
@@ -327,11 +347,19 @@ def install(
     host: Annotated[str | None, typer.Option(help="Ollama URL")] = None,
     insecure: Annotated[bool, typer.Option(help="Allow plain HTTP to a non-loopback registry")] = False,
     name: Annotated[str | None, typer.Option(help="Local name (default: NAME:TAG)")] = None,
+    username: UsernameOpt = None,
+    password_stdin: PasswordStdinOpt = False,
+    ca_cert: CaCertOpt = None,
 ) -> None:
-    """Fetch a model from a registry (every digest verified) and register it into the local Ollama."""
-    from .ollama.registry import install_command
+    """Fetch a model from a registry (every digest verified) and register it into the local Ollama.
 
-    install_command(ref, store=store, host=host, insecure=insecure, name=name)
+    Credentials and TLS work as for `publish` (--username/--password-stdin, $OLLAMA_FT_REGISTRY_USER
+    and _PASSWORD, ~/.docker/config.json; --ca-cert for a private CA).
+    """
+    from .ollama.registry_pull import install_command
+
+    install_command(ref, store=store, host=host, insecure=insecure, name=name, username=username,
+                    password_stdin=password_stdin, ca_cert=ca_cert)
 
 
 @app.command()

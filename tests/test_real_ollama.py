@@ -152,7 +152,7 @@ def test_real_push_then_install_keeps_every_config_field(real_ollama, oci_regist
 
     import ollama
 
-    from ollama_ft.ollama import registry
+    from ollama_ft.ollama import registry_pull as registry
 
     client = ollama.Client(host=real_ollama.host)
     digest = "sha256:" + hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()

@@ -19,7 +19,10 @@ import pytest
 
 from ollama_ft.core.errors import UserError
 from ollama_ft.core.runs import Run
-from ollama_ft.ollama import registry as R
+from ollama_ft.ollama.registry_client import Target, parse_ref, parse_registry
+from ollama_ft.ollama.registry_pull import install_command
+from ollama_ft.ollama.registry_push import publish_command, push
+from ollama_ft.ollama.registry_source import resolve_source
 from ollama_ft.ollama.store import (
     MEDIA_ADAPTER,
     MEDIA_CONFIG,
@@ -114,20 +117,20 @@ def sha(data: bytes) -> str:
 
 
 def test_scheme_is_http_only_for_loopback_unless_insecure():
-    assert R.parse_registry("127.0.0.1:5000/team") == ("127.0.0.1:5000", "team", "http")
-    assert R.parse_registry("localhost:5000") == ("localhost:5000", None, "http")
-    assert R.parse_registry("[::1]:5000/x")[2] == "http"
-    assert R.parse_registry("registry.example.com/team")[2] == "https"
-    assert R.parse_registry("registry.example.com/team", insecure=True)[2] == "http"
+    assert parse_registry("127.0.0.1:5000/team") == ("127.0.0.1:5000", "team", "http")
+    assert parse_registry("localhost:5000") == ("localhost:5000", None, "http")
+    assert parse_registry("[::1]:5000/x")[2] == "http"
+    assert parse_registry("registry.example.com/team")[2] == "https"
+    assert parse_registry("registry.example.com/team", insecure=True)[2] == "http"
     with pytest.raises(UserError, match="plain HTTP"):
-        R.parse_registry("http://registry.example.com/team")
-    assert R.parse_registry("http://10.0.0.5:5000/team", insecure=True) == ("10.0.0.5:5000", "team", "http")
+        parse_registry("http://registry.example.com/team")
+    assert parse_registry("http://10.0.0.5:5000/team", insecure=True) == ("10.0.0.5:5000", "team", "http")
 
 
 def test_names_the_registry_or_ollama_would_reject_are_refused():
-    ok = R.parse_ref("127.0.0.1:5000/team/my-model.v2:q4_k_m")
+    ok = parse_ref("127.0.0.1:5000/team/my-model.v2:q4_k_m")
     assert (ok.host, ok.repository, ok.tag, ok.scheme) == ("127.0.0.1:5000", "team/my-model.v2", "q4_k_m", "http")
-    assert R.parse_ref("127.0.0.1:5000/team/m").tag == "latest"
+    assert parse_ref("127.0.0.1:5000/team/m").tag == "latest"
     bad = {
         "127.0.0.1:5000/Team/m:v1": "upper case",        # registries need lower-case repositories
         "127.0.0.1:5000/team/My-Model:v1": "upper case",
@@ -138,7 +141,7 @@ def test_names_the_registry_or_ollama_would_reject_are_refused():
     }
     for ref, why in bad.items():
         with pytest.raises(UserError) as e:
-            R.parse_ref(ref)
+            parse_ref(ref)
         assert why in str(e.value), (ref, str(e.value))
 
 
@@ -150,11 +153,11 @@ def test_publish_store_model_then_install_into_store(oci_registry, tmp_path):
     src = make_store_model(tmp_path / "src")
     _, local_bytes = src.read_manifest("demo:latest")
     meter = Meter()
-    plan = R.resolve_source("demo", tmp_path / "src")
-    target = R.Target(oci_registry.host, "team", "demo", "v1", "http")
-    digest, stats = R.push(plan, target, client=meter.client(), chunk_size=64 << 10)
+    source = resolve_source("demo", tmp_path / "src")
+    target = Target(oci_registry.host, "team", "demo", "v1", "http")
+    digest, stats = push(source, target, client=meter.client(), chunk_size=64 << 10)
     assert digest == sha(local_bytes)  # pushed verbatim: same model ID
-    assert stats.bytes_sent == plan.total_bytes == meter.patch_bytes
+    assert stats.bytes_sent == source.total_bytes == meter.patch_bytes
     assert meter.patches > 8  # chunked (300 kB at 64 KiB) with progress per chunk
 
     m, raw, r = registry_manifest(oci_registry, "team/demo", "v1")
@@ -167,12 +170,12 @@ def test_publish_store_model_then_install_into_store(oci_registry, tmp_path):
 
     # A second publish sends nothing: every blob is already there (HEAD).
     meter2 = Meter()
-    _, stats2 = R.push(plan, target, client=meter2.client())
+    _, stats2 = push(source, target, client=meter2.client())
     assert stats2.bytes_sent == 0 == meter2.patch_bytes and "PATCH" not in meter2.methods
     assert len(stats2.skipped) == 4
 
     dest = tmp_path / "models"
-    info = R.install_command(f"{oci_registry.host}/team/demo:v1", store=dest)
+    info = install_command(f"{oci_registry.host}/team/demo:v1", store=dest)
     st = Store(dest)
     path = dest / "manifests" / "registry.ollama.ai" / "library" / "demo" / "v1"
     assert Path(info["manifest"]) == path and path.read_bytes() == local_bytes
@@ -225,7 +228,7 @@ def test_round_trip_run_to_registry_to_ollama_and_store(oci_registry, ollama_stu
     assert pub["manifest_digest"] == sha(raw) and pub["bytes_sent"] == sum(len(b) for b in blobs.values())
 
     # Into the local Ollama (stand-in) through its API, then chat.
-    info = R.install_command(f"{oci_registry.host}/team/demo:v1", host=ollama_stub.url)
+    info = install_command(f"{oci_registry.host}/team/demo:v1", host=ollama_stub.url)
     assert info["model"] == "demo:v1" and info["uploaded_bytes"] == len(gguf_bytes)
     show = httpx.post(f"{ollama_stub.url}/api/show", json={"model": "demo:v1"}).json()
     assert show["template"] == TEMPLATE and show["system"] == "You answer briefly."
@@ -237,12 +240,12 @@ def test_round_trip_run_to_registry_to_ollama_and_store(oci_registry, ollama_stu
     assert reply.done and isinstance(reply.message.content, str)
     assert ollama_stub.calls("POST", "/api/chat")
     # A second install uploads no weights: Ollama already has them (HEAD).
-    again = R.install_command(f"{oci_registry.host}/team/demo:v1", host=ollama_stub.url, name="demo:again")
+    again = install_command(f"{oci_registry.host}/team/demo:v1", host=ollama_stub.url, name="demo:again")
     assert again["uploaded_bytes"] == 0 and again["bytes_downloaded"] < 4096
 
     # Into a store directory, in exactly Ollama's layout.
     dest = tmp_path / "models"
-    R.install_command(f"{oci_registry.host}/team/demo:v1", store=dest, name="demo:v1")
+    install_command(f"{oci_registry.host}/team/demo:v1", store=dest, name="demo:v1")
     assert (dest / "manifests" / "registry.ollama.ai" / "library" / "demo" / "v1").read_bytes() == raw
     for x in [*m["layers"], m["config"]]:
         f = dest / "blobs" / f"sha256-{x['digest'][7:]}"
@@ -258,11 +261,11 @@ def test_registry_down_is_a_clear_error(tmp_path):
     make_store_model(tmp_path / "src")
     port = free_port()  # nothing listens there
     with pytest.raises(UserError) as e:
-        R.publish_command("demo", registry=f"127.0.0.1:{port}/team", store=tmp_path / "src")
+        publish_command("demo", registry=f"127.0.0.1:{port}/team", store=tmp_path / "src")
     assert f"http://127.0.0.1:{port}" in e.value.message and "cannot reach the registry" in e.value.message
     assert "docker-registry serve" in e.value.hint
     with pytest.raises(UserError) as e:
-        R.install_command(f"127.0.0.1:{port}/team/demo:v1", store=tmp_path / "dest")
+        install_command(f"127.0.0.1:{port}/team/demo:v1", store=tmp_path / "dest")
     assert f"127.0.0.1:{port}" in e.value.message
     assert not (tmp_path / "dest" / "manifests").exists()
 
@@ -270,25 +273,25 @@ def test_registry_down_is_a_clear_error(tmp_path):
 def test_interrupted_upload_resumes_and_sends_only_missing_bytes(oci_registry, tmp_path):
     chunk = 32 << 10
     src = make_store_model(tmp_path / "src", sizes=(400_000, 300_000))
-    plan = R.resolve_source("demo", tmp_path / "src")
-    model, adapter = plan.layers[0], plan.layers[1]
-    target = R.Target(oci_registry.host, "team", "demo", "v1", "http")
+    source = resolve_source("demo", tmp_path / "src")
+    model, adapter = source.layers[0], source.layers[1]
+    target = Target(oci_registry.host, "team", "demo", "v1", "http")
     # The connection dies after the model blob and 4 chunks of the adapter blob went out.
     model_chunks = -(-model.size // chunk)
     first = Meter(fail_after_patches=model_chunks + 4)
     with pytest.raises(UserError, match="cannot reach the registry"):
-        R.push(plan, target, client=first.client(), chunk_size=chunk)
-    state = json.loads(plan.state_path.read_text())["uploads"]
+        push(source, target, client=first.client(), chunk_size=chunk)
+    state = json.loads(source.state_path.read_text())["uploads"]
     (entry,) = state.values()
     assert entry["offset"] == 4 * chunk and entry["size"] == adapter.size
 
     second = Meter()
-    digest, stats = R.push(plan, target, client=second.client(), chunk_size=chunk)
-    missing = plan.total_bytes - model.size - 4 * chunk
+    digest, stats = push(source, target, client=second.client(), chunk_size=chunk)
+    missing = source.total_bytes - model.size - 4 * chunk
     assert second.patch_bytes == stats.bytes_sent == missing
     assert stats.skipped == [model.digest] and stats.resumed == {adapter.digest: 4 * chunk}
-    assert not plan.state_path.exists()  # finished uploads leave no state behind
-    print(f"\nresume: total {plan.total_bytes} B, first try sent {first.patch_bytes} B, "
+    assert not source.state_path.exists()  # finished uploads leave no state behind
+    print(f"\nresume: total {source.total_bytes} B, first try sent {first.patch_bytes} B, "
           f"retry sent {second.patch_bytes} B (= missing {missing} B), resent 0 B")
     m, raw, _ = registry_manifest(oci_registry, "team/demo", "v1")
     assert raw == src.read_manifest("demo:latest")[1] and digest == sha(raw)
@@ -300,8 +303,8 @@ def test_killed_mid_upload_then_retried_sends_only_missing_bytes(oci_registry, t
     """A real `ollama-ft publish` process is SIGKILLed while a chunk is in flight, then run again."""
     chunk = 64 << 10
     make_store_model(tmp_path / "src", sizes=(1_000_000, 600_000))
-    plan = R.resolve_source("demo", tmp_path / "src")
-    model, adapter = plan.layers[0], plan.layers[1]
+    source = resolve_source("demo", tmp_path / "src")
+    model, adapter = source.layers[0], source.layers[1]
     proxy = HoldingProxy(oci_registry.url).start()
     try:
         proxy.hold_after = -(-model.size // chunk) + 3  # the model blob and 3 adapter chunks get through
@@ -316,17 +319,17 @@ def test_killed_mid_upload_then_retried_sends_only_missing_bytes(oci_registry, t
         proxy.release.set()
         first_sent = proxy.patch_bytes
         assert first_sent == model.size + 3 * chunk
-        (entry,) = json.loads(plan.state_path.read_text())["uploads"].values()
+        (entry,) = json.loads(source.state_path.read_text())["uploads"].values()
         assert entry["offset"] == 3 * chunk
 
         proxy.hold_after, proxy.patch_bytes = None, 0
         meter = Meter()
-        info = R.publish_command("demo", registry=f"{proxy.host}/team", tag="v1", store=tmp_path / "src",
+        info = publish_command("demo", registry=f"{proxy.host}/team", tag="v1", store=tmp_path / "src",
                                  chunk_size=chunk, client=meter.client())
-        missing = plan.total_bytes - first_sent
+        missing = source.total_bytes - first_sent
         assert meter.patch_bytes == proxy.patch_bytes == info["bytes_sent"] == missing
         assert info["resumed"] == {adapter.digest: 3 * chunk} and info["skipped"] == 1
-        print(f"\nkill -9 mid-upload: total {plan.total_bytes} B; before the kill {first_sent} B reached the "
+        print(f"\nkill -9 mid-upload: total {source.total_bytes} B; before the kill {first_sent} B reached the "
               f"registry; the retry sent {meter.patch_bytes} B (exactly the missing bytes), resent 0 B")
     finally:
         proxy.stop()
@@ -339,13 +342,13 @@ def test_stale_upload_url_restarts_only_that_blob(oci_registry, tmp_path):
     """A chunk cut off mid-body leaves the registry ahead of the signed upload URL: it drops it."""
     chunk = 32 << 10
     make_store_model(tmp_path / "src", sizes=(200_000, 100_000))
-    plan = R.resolve_source("demo", tmp_path / "src")
-    target = R.Target(oci_registry.host, "team", "demo", "v1", "http")
+    source = resolve_source("demo", tmp_path / "src")
+    target = Target(oci_registry.host, "team", "demo", "v1", "http")
     with pytest.raises(UserError):
-        R.push(plan, target, client=Meter(fail_after_patches=2).client(), chunk_size=chunk)
-    (entry,) = json.loads(plan.state_path.read_text())["uploads"].values()
+        push(source, target, client=Meter(fail_after_patches=2).client(), chunk_size=chunk)
+    (entry,) = json.loads(source.state_path.read_text())["uploads"].values()
     # Send part of the next chunk behind the client's back, as a killed PATCH would have.
-    model = plan.layers[0]
+    model = source.layers[0]
     with open(model.path, "rb") as f:
         f.seek(entry["offset"])
         part = f.read(1000)
@@ -353,9 +356,9 @@ def test_stale_upload_url_restarts_only_that_blob(oci_registry, tmp_path):
                 headers={"Content-Range": f"{entry['offset']}-{entry['offset'] + 999}",
                          "Content-Type": "application/octet-stream"})
     meter = Meter()
-    _, stats = R.push(plan, target, client=meter.client(), chunk_size=chunk)
+    _, stats = push(source, target, client=meter.client(), chunk_size=chunk)
     assert stats.restarted == [model.digest] and stats.resumed == {}
-    assert meter.patch_bytes == plan.total_bytes  # that blob again from 0, the others once
+    assert meter.patch_bytes == source.total_bytes  # that blob again from 0, the others once
     assert httpx.head(f"{oci_registry.url}/v2/team/demo/blobs/{model.digest}").status_code == 200
 
 
@@ -367,9 +370,9 @@ def test_corrupt_local_blob_is_refused_before_upload(oci_registry, tmp_path):
     data[100] ^= 0xFF
     victim.write_bytes(bytes(data))
     meter = Meter()
-    plan = R.resolve_source("demo", tmp_path / "src")
+    source = resolve_source("demo", tmp_path / "src")
     with pytest.raises(UserError, match="do not match their digest") as e:
-        R.push(plan, R.Target(oci_registry.host, "team", "demo", "v1", "http"), client=meter.client())
+        push(source, Target(oci_registry.host, "team", "demo", "v1", "http"), client=meter.client())
     assert str(victim) in "\n".join(e.value.details)
     assert meter.methods == []  # not even a HEAD
     assert httpx.get(f"{oci_registry.url}/v2/_catalog").json()["repositories"] == []
@@ -377,14 +380,14 @@ def test_corrupt_local_blob_is_refused_before_upload(oci_registry, tmp_path):
 
 def test_bad_names_are_refused_before_any_request(oci_registry, tmp_path):
     make_store_model(tmp_path / "src", name="Demo:latest")
-    plan = R.resolve_source("Demo", tmp_path / "src")
+    source = resolve_source("Demo", tmp_path / "src")
     meter = Meter()
     with pytest.raises(UserError, match="upper case"):
-        R.push(plan, R.Target(oci_registry.host, "team", "Demo", "v1", "http"), client=meter.client())
+        push(source, Target(oci_registry.host, "team", "Demo", "v1", "http"), client=meter.client())
     with pytest.raises(UserError, match="invalid registry name"):
-        R.publish_command("Demo", registry=f"{oci_registry.host}/team", store=tmp_path / "src")
+        publish_command("Demo", registry=f"{oci_registry.host}/team", store=tmp_path / "src")
     with pytest.raises(UserError, match="Ollama would reject"):
-        R.publish_command("Demo", registry=f"{oci_registry.host}/my.team", tag="v1", store=tmp_path / "src")
+        publish_command("Demo", registry=f"{oci_registry.host}/my.team", tag="v1", store=tmp_path / "src")
     assert meter.methods == []
     assert httpx.get(f"{oci_registry.url}/v2/_catalog").json()["repositories"] == []
 
@@ -399,41 +402,41 @@ def _corrupt_registry_blob(server, digest: str) -> None:
 
 def test_install_refuses_a_blob_whose_digest_does_not_match(oci_registry, ollama_stub, tmp_path):
     st = make_store_model(tmp_path / "src")
-    plan = R.resolve_source("demo", tmp_path / "src")
-    R.push(plan, R.Target(oci_registry.host, "team", "demo", "v1", "http"))
+    source = resolve_source("demo", tmp_path / "src")
+    push(source, Target(oci_registry.host, "team", "demo", "v1", "http"))
     m, _ = st.read_manifest("demo:latest")
     _corrupt_registry_blob(oci_registry, m["layers"][1]["digest"])  # the registry serves it as stored
     dest = tmp_path / "models"
     with pytest.raises(UserError, match="digest mismatch") as e:
-        R.install_command(f"{oci_registry.host}/team/demo:v1", store=dest)
+        install_command(f"{oci_registry.host}/team/demo:v1", store=dest)
     assert m["layers"][1]["digest"] in e.value.message
     assert not (dest / "manifests").exists()  # nothing registered
     assert not (dest / "blobs").exists() or list((dest / "blobs").iterdir()) == []
     assert [p.name for p in dest.iterdir()] in ([], ["blobs"])  # staging removed
     # Through the Ollama API: refused before any blob upload or create.
     with pytest.raises(UserError, match="digest mismatch"):
-        R.install_command(f"{oci_registry.host}/team/demo:v1", host=ollama_stub.url)
+        install_command(f"{oci_registry.host}/team/demo:v1", host=ollama_stub.url)
     assert ollama_stub.calls("POST", "/api/blobs/") == [] and ollama_stub.calls("POST", "/api/create") == []
     assert ollama_stub.store.list_models() == []
 
 
 def test_install_refuses_bad_local_name_and_unreachable_ollama(oci_registry, tmp_path):
     with pytest.raises(UserError, match="invalid model name"):
-        R.install_command(f"{oci_registry.host}/team/demo:v1", store=tmp_path / "m", name="bad name")
+        install_command(f"{oci_registry.host}/team/demo:v1", store=tmp_path / "m", name="bad name")
     assert not (tmp_path / "m").exists()
     make_store_model(tmp_path / "src")
-    R.push(R.resolve_source("demo", tmp_path / "src"), R.Target(oci_registry.host, "team", "demo", "v1", "http"))
+    push(resolve_source("demo", tmp_path / "src"), Target(oci_registry.host, "team", "demo", "v1", "http"))
     port = free_port()
     with pytest.raises(UserError, match="cannot connect to Ollama") as e:
-        R.install_command(f"{oci_registry.host}/team/demo:v1", host=f"http://127.0.0.1:{port}")
+        install_command(f"{oci_registry.host}/team/demo:v1", host=f"http://127.0.0.1:{port}")
     assert "--store" in e.value.hint
 
 
 def test_https_to_a_plain_http_registry_suggests_insecure(oci_registry, tmp_path):
     make_store_model(tmp_path / "src")
-    plan = R.resolve_source("demo", tmp_path / "src")
+    source = resolve_source("demo", tmp_path / "src")
     with pytest.raises(UserError) as e:
-        R.push(plan, R.Target(oci_registry.host, "team", "demo", "v1", "https"))
+        push(source, Target(oci_registry.host, "team", "demo", "v1", "https"))
     assert f"https://{oci_registry.host}" in e.value.message and "--insecure" in e.value.hint
 
 

@@ -200,6 +200,10 @@ class PublishSettings(_Section):
     registry: str | None = Field(None, description="HOST:PORT[/namespace]")
     tag: str | None = None
     insecure: bool = False
+    ca_cert: str | None = Field(None, description=(
+        "PEM file of the CA that signed the registry's TLS certificate (a team's private CA), relative to "
+        "where ollama-ft runs; the system trust store is used too. Credentials never go here: see "
+        "`ollama-ft publish --help`"))
 
 
 class EvalSettings(_Section):
