@@ -16,6 +16,10 @@ from .core.config import LoadedConfig, RunConfig, load_config
 from .core.errors import UserError
 from .core.runs import STAGES, Run
 
+# Training settings that change how it is run or shown, not the adapter it writes.
+_NOT_TRAIN = ("tensorboard", "logging_steps", "nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_backend",
+              "rdzv_id")
+
 
 def stage_settings(cfg: RunConfig, stage: str) -> dict[str, Any]:
     """The config values a stage's output depends on (part of its fingerprint)."""
@@ -24,9 +28,10 @@ def stage_settings(cfg: RunConfig, stage: str) -> dict[str, Any]:
     settings = {
         "pull": {k: m[k] for k in ("base", "revision", "trust_remote_code", "dtype")},
         "data": {"data": dump["data"], "chat_template": m["chat_template"]},
-        "train": {"lora": dump["lora"], "training": {k: v for k, v in dump["training"].items() if k not in ("tensorboard", "logging_steps", "nproc")},
+        "train": {"lora": dump["lora"], "training": {k: v for k, v in dump["training"].items() if k not in _NOT_TRAIN},
                   "optimizer": dump["optimizer"], "adapter": m["adapter"], "quantization": m["quantization"],
-                  "compute_dtype": m["compute_dtype"]},
+                  "compute_dtype": m["compute_dtype"], "attn_implementation": m["attn_implementation"],
+                  "stages": dump["stages"]},
         "merge": {"merge_base": m["merge_base"]},
         "export": {"export": dump["export"], "name": cfg.ollama_name},
         "modelfile": {"ollama": {k: v for k, v in dump["ollama"].items() if k != "host"}, "name": cfg.ollama_name},
@@ -37,6 +42,13 @@ def stage_settings(cfg: RunConfig, stage: str) -> dict[str, Any]:
         from .data.stage import data_files_digest
 
         settings = {**settings, "files": data_files_digest(cfg)}
+    if stage == "train":  # each stage's own data files, and the adapter a continued run starts from
+        from .data.stage import data_files_digest
+
+        settings = {**settings, "stage_files": {st.name: data_files_digest(_stage_data_config(cfg, st.data))
+                                                for st in cfg.stages if st.data}}
+        if cfg.training.from_adapter:
+            settings["from_adapter"] = Run.open(cfg.training.from_adapter, cfg.runs_dir).output_digest("train")
     from .core.runs import STAGE_TOOLS, versions_of
 
     if stage in STAGE_TOOLS:  # an upgraded library re-runs the stages whose output it shapes
@@ -59,8 +71,14 @@ def _build(stage: str, run: Run, cfg: RunConfig, *, resume: bool = True, gate_fo
 
         def train(out):
             check_exportable(cfg, run.require("pull"))
-            return build_adapter(cfg, run.require("pull"), run.require("data"), out,
-                                 checkpoints_dir=run.root / "checkpoints", resume=resume)
+            init, lineage = from_adapter(cfg, run)
+            info = build_adapter(cfg, run.require("pull"), run.require("data"), out,
+                                 checkpoints_dir=run.root / "checkpoints", resume=resume, init_adapter=init,
+                                 stage_data=build_stage_data(cfg, run))
+            if lineage:
+                run.record_lineage("from_adapter", lineage)
+                info = {**info, "from_adapter": lineage}
+            return info
 
         return train
     if stage == "merge":
@@ -80,6 +98,60 @@ def _build(stage: str, run: Run, cfg: RunConfig, *, resume: bool = True, gate_fo
 
         return lambda out: build_report(cfg, run, out)
     raise ValueError(stage)
+
+
+def _stage_data_config(cfg: RunConfig, path: str) -> RunConfig:
+    dup = cfg.model_copy(deep=True)
+    dup.data.path = path
+    return dup
+
+
+def build_stage_data(cfg: RunConfig, run: Run) -> dict[str, Path]:
+    """The data directory of every stage of `stages:` with its own data: runs/<run>/stage-data/<name>/,
+    built by the data stage's own code with the data section's settings, rebuilt when they or the files
+    change."""
+    from .core.runs import digest_of, replace_dir, temp_dir_beside
+    from .data.stage import build_data, data_files_digest
+
+    dirs: dict[str, Path] = {}
+    for st in cfg.stages:
+        if not st.data:
+            continue
+        cfg_k = _stage_data_config(cfg, st.data)
+        d = run.root / "stage-data" / st.name
+        key = digest_of({"data": cfg_k.data.model_dump(mode="json"), "files": data_files_digest(cfg_k),
+                         "base": run.output_digest("pull"), "chat_template": cfg.model.chat_template})
+        if not ((d / ".fingerprint").is_file() and (d / ".fingerprint").read_text() == key):
+            ui.info(f"data of training stage {st.name}: {st.data}")
+            with temp_dir_beside(d) as tmp:
+                build_data(cfg_k, run.require("pull"), tmp)
+                (tmp / ".fingerprint").write_text(key)
+                replace_dir(tmp, d)
+        dirs[st.name] = d
+    return dirs
+
+
+def from_adapter(cfg: RunConfig, run: Run) -> tuple[Path | None, dict[str, Any] | None]:
+    """training.from_adapter (`--from-adapter RUN`): that run's adapter and the lineage to record."""
+    ref = cfg.training.from_adapter
+    if not ref:
+        return None, None
+    from .core.runs import sha256_file
+
+    src = Run.open(ref, cfg.runs_dir)
+    if src.root.resolve() == run.root.resolve():
+        raise UserError(f"--from-adapter {ref} is this run itself",
+                        hint="continue another run's adapter, or give this run a new name (--set name=...)")
+    adapter = src.require("train")
+    ours, theirs = run.require("pull") / "config.json", src.root / "base" / "config.json"
+    if theirs.is_file() and ours.is_file() and sha256_file(ours) != sha256_file(theirs):
+        raise UserError(f"--from-adapter {ref}: that adapter was trained on another base model "
+                        f"({theirs} differs from {ours})",
+                        hint="use the same model.base as that run, or start a fresh adapter")
+    entry = src.entry("train") or {}
+    return adapter, {"run": str(src.root), "adapter": str(adapter), "train_digest": entry.get("output_digest"),
+                     "trained": entry.get("started"), "steps": entry.get("info", {}).get("steps"),
+                     "lineage": src.lineage()}
 
 
 def _checked(cfg: RunConfig, run: Run, stage: str, builder):

@@ -326,6 +326,18 @@ class Run:
 
         self.update_manifest(_put)
 
+    def record_lineage(self, key: str, info: dict[str, Any]) -> None:
+        """manifest["lineage"][key] = info: where this run's inputs came from beyond its own stages
+        (e.g. "from_adapter": the run whose adapter training continued, with that run's own lineage)."""
+
+        def _put(m: dict[str, Any]) -> None:
+            m.setdefault("lineage", {})[key] = info
+
+        self.update_manifest(_put)
+
+    def lineage(self) -> dict[str, Any]:
+        return self.load_manifest().get("lineage", {})
+
     # -- status -----------------------------------------------------------------------------
     def status(self) -> list[dict[str, Any]]:
         """done / stale / pending per stage. Stale: an input changed since, or output vanished."""
