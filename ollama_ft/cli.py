@@ -6,6 +6,7 @@ User mistakes raise `UserError` -> one red line, a hint, exit 1. `--verbose` sho
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -98,20 +99,35 @@ def train(
     from_: Annotated[str | None, typer.Option("--from", help="Redo from this stage on (earlier done stages are reused)")] = None,
     force: Annotated[list[str] | None, typer.Option(help="Redo this stage even if done (repeatable)")] = None,
     resume: Annotated[bool, typer.Option(help="Resume training from the newest checkpoint")] = True,
-    nproc: Annotated[int | None, typer.Option(help="Data-parallel processes for training (torchrun)")] = None,
+    nproc: Annotated[int | None, typer.Option(help="Training processes per node (torchrun)")] = None,
     name: Annotated[str | None, typer.Option(help="Model name in Ollama (default: ollama.name or the run name)")] = None,
+    from_adapter: Annotated[str | None, typer.Option(
+        help="Continue this earlier run's adapter (run name or runs/<run>) on this config's data")] = None,
+    distributed: Annotated[str | None, typer.Option(help="ddp (a full copy per process) or fsdp (base sharded)")] = None,
+    nnodes: Annotated[int | None, typer.Option(help="Machines taking part (torchrun --nnodes)")] = None,
+    rdzv_endpoint: Annotated[str | None, typer.Option(help="HOST:PORT every node meets at (torchrun rendezvous)")] = None,
+    rdzv_id: Annotated[str | None, typer.Option(help="Job id shared by every node (default: the run name)")] = None,
+    node_rank: Annotated[int | None, typer.Option(help="This node's rank (only with --rdzv-backend static)")] = None,
 ) -> None:
     """Run the whole pipeline: pull -> data -> train -> merge -> export -> modelfile -> eval -> register.
 
     Finished stages are skipped (their fingerprint matches), so re-running continues where it
     stopped. Without a reachable Ollama server it stops after the Modelfile and prints the
     `ollama create` command to register by hand.
+
+    Continue last month's model on new data:  ollama-ft train new.yaml --from-adapter clinic-2026-11
+
+    Two machines x 4 GPUs (same command on both):  --nproc 4 --nnodes 2 --rdzv-endpoint node1:29400
     """
     from .pipeline import run_pipeline
 
     overrides = list(set_ or [])
     if nproc:
         overrides.append(f"training.nproc={nproc}")
+    for key, value in (("from_adapter", from_adapter), ("distributed", distributed), ("nnodes", nnodes),
+                       ("rdzv_endpoint", rdzv_endpoint), ("rdzv_id", rdzv_id), ("node_rank", node_rank)):
+        if value is not None:  # strings quoted: a run named 2026 or an endpoint like 1:29400 stay strings
+            overrides.append(f"training.{key}={json.dumps(value) if isinstance(value, str) else value}")
     if name:
         overrides.append(f"ollama.name={name}")
     run_pipeline(config, overrides, until=until, from_stage=from_, force=list(force or []), resume=resume)
