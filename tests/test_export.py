@@ -372,3 +372,45 @@ def test_gguf_dataset_description_comes_from_the_data_stage_stats(tmp_path):
     ds = meta["general.datasets"][0]
     assert ds["name"] == "clinic_sample.jsonl"
     assert ds["description"] == "245 training examples (4800 trained tokens), 49 validation, 49 test"
+
+
+@pytest.mark.parametrize("stem, mode, expected", [
+    ("qwen2.5-instruct", "auto", "family"),       # tools shown: the family's equivalent template instead
+    ("deepseek-r1-distill-qwen", "auto", None),   # thinking in the layout itself: no chat template at all
+    ("qwen2.5-instruct", "training", "training"),
+])
+def test_gguf_chat_template_shows_no_capability_the_template_lacks(stem, mode, expected, tiny_qwen2, tmp_path,
+                                                                   chat_templates_dir):
+    """Ollama v0.30+ would render a tool- or thinking-aware GGUF template instead of the TEMPLATE that the
+    fidelity check proved; the export writes one that shows nothing more (ollama.capabilities)."""
+    from gguf import GGUFReader
+
+    from ollama_ft.export.stage import build_gguf
+    from ollama_ft.ollama import capabilities
+    from ollama_ft.ollama import templates as ct
+
+    training = (chat_templates_dir / f"{stem}.jinja").read_text(encoding="utf-8")
+    merged = tmp_path / "merged"
+    shutil.copytree(tiny_qwen2, merged)
+    (merged / "chat_template.jinja").write_text(training, encoding="utf-8")
+    cfg = RunConfig(name="tinyrun")
+    cfg.export.quants = ["F16"]
+    cfg.export.verify = False
+    cfg.export.pre_tokenizer = "qwen2"
+    cfg.export.gguf_chat_template = mode
+    out = tmp_path / "gguf"
+    out.mkdir()
+    info = build_gguf(cfg, make_run(tmp_path, tiny_qwen2), merged, out)
+    field = GGUFReader(str(out / "tinyrun-F16.gguf")).fields.get("tokenizer.chat_template")
+    written = field.contents() if field is not None else None
+    family = ct.detect_family(training)
+    want = {"family": ct.family_jinja(family), "training": training, None: None}[expected]
+    assert written == want
+    assert (merged / "chat_template.jinja").read_text(encoding="utf-8") == training  # the HF dir is untouched
+    recorded = json.loads((out / "verify.json").read_text())["gguf_chat_template"]
+    assert recorded == info["gguf_chat_template"]
+    if mode == "auto":
+        assert recorded["not_advertised"] and capabilities.jinja_override_reasons(
+            written, ct.get_family(family).go_template) == []
+    else:
+        assert recorded == {"source": "training", "not_advertised": [], "reason": "export.gguf_chat_template: training"}

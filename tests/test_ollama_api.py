@@ -19,6 +19,7 @@ import pytest
 
 from ollama_ft.core.errors import UserError
 from ollama_ft.ollama import api as ollama_api
+from ollama_ft.ollama import capabilities
 from ollama_ft.ollama.store import MEDIA_MODEL, MEDIA_PARAMS, MEDIA_SYSTEM, MEDIA_TEMPLATE, gguf_facts
 from tests.fake_ollama import format_parameters
 
@@ -422,11 +423,11 @@ def test_cli_register_through_the_pipeline(fake_ollama, tiny_gguf, tmp_path):
 
 def test_jinja_override_reasons():
     tools_jinja = "{% if tools %}{{ tools | tojson }}{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}"
-    assert ollama_api.jinja_override_reasons(tools_jinja, CHATML) == ["tools"]
-    assert ollama_api.jinja_override_reasons(tools_jinja, CHATML + "{{ if .Tools }}{{ end }}") == []
+    assert capabilities.jinja_override_reasons(tools_jinja, CHATML) == ["tools"]
+    assert capabilities.jinja_override_reasons(tools_jinja, CHATML + "{{ if .Tools }}{{ end }}") == []
     think = "{{ content.split('</think>')[-1] }} <think>\n"
-    assert ollama_api.jinja_override_reasons(think, CHATML) == ["thinking"]
-    assert ollama_api.jinja_override_reasons(None, CHATML) == []
+    assert capabilities.jinja_override_reasons(think, CHATML) == ["thinking"]
+    assert capabilities.jinja_override_reasons(None, CHATML) == []
 
 
 # -------------------------------------------------------------------------------------------

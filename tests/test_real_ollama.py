@@ -231,3 +231,44 @@ def test_adapter_route_where_the_server_can_load_it(real_ollama, tiny_llama, tin
                         options={"num_predict": 4, "temperature": 0})
     assert reply.done and reply.eval_count >= 1
     client.delete("with-adapter")
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "llama3.1", "mistral", "deepseek-r1-distill"])
+def test_tools_are_refused_not_misrendered(real_ollama, tiny_gguf, family):
+    """Tool definitions and calls cannot be rendered as the HF template would (Go's json vs HF tojson), so
+    the TEMPLATE does not advertise tools or thinking (nor does the GGUF, see test_capabilities): the
+    server then refuses a tools request outright instead of serving a prompt training never saw."""
+    import ollama
+
+    fam = ct.get_family(family)
+    names = _family_models(real_ollama, tiny_gguf, family, fam.go_template, {None})
+    client = ollama.Client(host=real_ollama.host)
+    assert set(client.show(names[None]).capabilities or []) == {"completion"}
+    tool = {"type": "function", "function": {"name": "opening_hours", "description": "Opening hours of a room",
+                                             "parameters": {"type": "object", "required": ["room"],
+                                                            "properties": {"room": {"type": "string"}}}}}
+    with pytest.raises(ollama.ResponseError, match="does not support tools") as e:
+        client.chat(model=names[None], messages=[{"role": "user", "content": "When does room 4 open?"}],
+                    tools=[tool], options={"num_predict": 4})
+    assert e.value.status_code == 400
+
+
+def test_a_parameter_newer_than_the_server_stops_before_upload(real_ollama, tiny_gguf, tmp_path):
+    """draft_num_predict exists since Ollama v0.30; v0.24.0 would refuse it at create after the upload."""
+    from ollama_ft.core.errors import UserError
+
+    cfg, run, mf = _make_run(tmp_path, tiny_gguf, name="ollama-ft-newparam")
+    mf.write_text(mf.read_text() + "PARAMETER draft_num_predict 4\n")
+    digest = hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
+    blob = real_ollama.models_dir / "blobs" / f"sha256-{digest}"
+    had_blob = blob.exists()
+    with pytest.raises(UserError, match=r"Ollama 0\.24\.0 does not know PARAMETER draft_num_predict") as e:
+        ollama_api.register_run(cfg, run, host=real_ollama.host)
+    assert "nothing was uploaded" in e.value.message and "ollama.parameters" in (e.value.hint or "")
+    assert blob.exists() == had_blob
+    # the rule is the server's: its own CLI refuses the PARAMETER, and through the API v0.24.0 stores it but
+    # ignores it at load ("invalid option provided" in its log): either way the setting would not take effect
+    mf2 = tmp_path / "newparam.Modelfile"
+    mf2.write_text(f"FROM {tiny_gguf}\nPARAMETER draft_num_predict 4\n")
+    p = real_ollama.cli("create", "ollama-ft-newparam", "-f", str(mf2), timeout=120, check=False)
+    assert p.returncode != 0 and "unknown parameter 'draft_num_predict'" in p.stderr

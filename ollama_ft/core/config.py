@@ -51,19 +51,68 @@ class ModelSettings(_Section):
         "or a CPU with native bf16 (avx512_bf16/AMX), float32 on other CPUs, where bf16 is ~100x slower")
 
 
+_DATA_FORMATS = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"]
+
+
+class ReplaySettings(_Section):
+    path: str = Field("ollama_ft/data_files/general_chat.jsonl", description=(
+        "General-domain chat data mixed into training against forgetting (default: the bundled everyday set)"))
+    format: _DATA_FORMATS = "auto"
+    ratio: float = Field(0.25, ge=0, lt=1, description=(
+        "Share of the training examples that are replay: 0.25 = general:domain 1:3 (the guides' mix), 0.5 = 1:1; 0 = off"))
+
+
+class PerplexityOutlierSettings(_Section):
+    action: Literal["flag", "drop"] = Field("flag", description="flag: report only; drop: remove from train/validation")
+    threshold: float = Field(3.5, gt=0, description=(
+        "Robust z-score (median/MAD) of an answer's log-perplexity under the base model beyond which it is an outlier"))
+    side: Literal["high", "both"] = Field("high", description=(
+        "high: answers the base finds unusually surprising (garbled, mislabelled); both: also unusually predictable ones"))
+    batch_size: int = Field(8, ge=1, description="Examples per forward pass of the base model")
+
+
+class NearDuplicateSettings(_Section):
+    threshold: float = Field(0.85, gt=0, le=1, description=(
+        "MinHash-estimated Jaccard similarity of word n-gram sets at or above which a record is a near-duplicate"))
+    ngram: int = Field(3, ge=1, le=10, description="Words per shingle")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (more: closer estimate, slower)")
+    action: Literal["flag", "drop"] = "drop"
+
+
+class QualitySettings(_Section):
+    perplexity_outliers: PerplexityOutlierSettings | None = Field(None, description=(
+        "Score every answer's perplexity under the base model; flag or drop the outliers"))
+    near_duplicates: NearDuplicateSettings | None = Field(None, description="MinHash near-duplicate detection")
+
+
+class BalanceSettings(_Section):
+    tolerance: float = Field(0.2, gt=0, lt=1, description=(
+        "Balanced when every category's count is within 1 +/- tolerance of the mean (the guides: 1:0.8-1.2)"))
+    sampling: Literal["none", "downsample"] = Field("none", description=(
+        "downsample: cap the training examples of large categories until the categories are balanced"))
+
+
 class DataSettings(_Section):
     path: str = Field("ollama_ft/data_files/clinic_sample.jsonl", description="File or directory of data")
     format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"] = "auto"
-    split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/validation/test fractions")
+    split: tuple[float, float, float] | Literal["time"] = Field((0.8, 0.1, 0.1), description=(
+        "train/validation/test fractions (by content hash), or `time`: by the records' timestamps, test latest"))
+    time_fractions: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description=(
+        "train/validation/test fractions of `split: time`, oldest to newest"))
     seed: int = 1234
     max_length: int = Field(1024, ge=16, description="Tokens per example after chat-template rendering")
     overlong: Literal["truncate", "drop"] = "truncate"
     system_prompt: str | None = None
     train_on_prompt: bool = Field(False, description="Also compute loss on user/system tokens")
+    replay: ReplaySettings | None = Field(None, description="Mix general-domain examples into training")
+    quality: QualitySettings = Field(default_factory=QualitySettings)
+    balance: BalanceSettings = Field(default_factory=BalanceSettings)
 
-    @field_validator("split")
+    @field_validator("split", "time_fractions")
     @classmethod
-    def _split_sums_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+    def _split_sums_to_one(cls, v):
+        if v == "time":
+            return v
         if any(x < 0 for x in v) or abs(sum(v) - 1.0) > 1e-6:
             raise ValueError(f"split fractions must be >= 0 and sum to 1, got {list(v)}")
         return v
@@ -183,6 +232,10 @@ class ExportSettings(_Section):
     pre_tokenizer: str = Field("auto", description=(
         "llama.cpp BPE pre-tokenizer (tokenizer.ggml.pre, e.g. qwen2, llama-bpe, gpt-2) for a vocabulary the "
         "converter does not recognise; auto: the converter's own detection. Checked by tokenizer parity"))
+    gguf_chat_template: Literal["auto", "training", "none"] = Field("auto", description=(
+        "The GGUF's tokenizer.chat_template. auto: the training template unless it shows tools/thinking the "
+        "Ollama TEMPLATE lacks (Ollama v0.30+ would then render it instead of the TEMPLATE); then the family's "
+        "own equivalent template, or none. training: always the training template. none: no chat template"))
 
 
 class OllamaSettings(_Section):
@@ -217,6 +270,32 @@ class EvalSettings(_Section):
         "Gate: refuse when the tuned model hits the token limit this share of answers more than the base"))
     drift: bool = Field(True, description="Also score validation perplexity of every exported GGUF")
     threads: int | None = Field(None, ge=1, description="llama.cpp CPU threads (default: cores, at most 8)")
+    general_data: str | None = Field(None, description=(
+        "Forgetting check: general text scored before/after tuning (.jsonl with a \"text\" field, or .txt of "
+        "blank-line separated paragraphs); default: the bundled general_text.jsonl; \"none\" turns it off"))
+    max_general_ppl_increase: float | None = Field(0.15, ge=0, description=(
+        "Gate: refuse when general-text perplexity rises by more than this share (0.15 = 15%; null: report only)"))
+
+
+class CombinedWeights(_Section):
+    automatic: float = Field(0.4, ge=0, description="Weight of the automatic part (ROUGE-L, chrF/100, fact recall)")
+    human: float = Field(0.6, ge=0, description="Weight of the blind human ratings ((mean 1-5 score - 1) / 4)")
+
+    @model_validator(mode="after")
+    def _not_both_zero(self) -> CombinedWeights:
+        if self.automatic + self.human <= 0:
+            raise ValueError("at least one weight must be above 0 (default automatic 0.4, human 0.6)")
+        return self
+
+
+class ReviewSettings(_Section):
+    """`ollama-ft review`: the blind human review and its share of the combined score. Not part of the
+    eval fingerprint on purpose: `ollama-ft review RUN --report` re-renders the report without re-running eval."""
+
+    combined_weights: CombinedWeights = Field(default_factory=CombinedWeights, description=(
+        "Combined score = weights x (automatic, human), each part normalised to 0..1"))
+    bootstrap_samples: int = Field(2000, ge=100, description="Bootstrap resamples for the human-score CIs")
+    seed: int = Field(0, description="Seed of the per-reviewer A/B order and of the bootstrap")
 
 
 class RunConfig(_Section):
@@ -231,6 +310,7 @@ class RunConfig(_Section):
     ollama: OllamaSettings = Field(default_factory=OllamaSettings)
     publish: PublishSettings = Field(default_factory=PublishSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    review: ReviewSettings = Field(default_factory=ReviewSettings)
     stages: list[StageSpec] = Field(default_factory=lambda: [], description=(
         "Multi-stage tuning (e.g. general -> domain -> task): each stage continues the previous stage's best "
         "adapter with its own data, epochs/max_steps and learning rate"))
@@ -383,8 +463,9 @@ def _check_unknown(data: dict, model: type[BaseModel], path: tuple, problems: li
             problems.append(((*path, key), msg))
             continue
         ann = known[key].annotation
-        if isinstance(value, dict) and isinstance(ann, type) and issubclass(ann, BaseModel):
-            _check_unknown(value, ann, (*path, key), problems)
+        sub = _dict_model(ann)
+        if isinstance(value, dict) and sub is not None:
+            _check_unknown(value, sub, (*path, key), problems)
         item = _list_item_model(ann)
         if isinstance(value, list) and item is not None:  # e.g. stages: [{name, data, ...}]
             for i, v in enumerate(value):
@@ -398,6 +479,14 @@ def _list_item_model(ann: Any) -> type[BaseModel] | None:
     if getattr(ann, "__origin__", None) is list and args and isinstance(args[0], type) \
             and issubclass(args[0], BaseModel):
         return args[0]
+    return None
+
+
+def _dict_model(ann: Any) -> type[BaseModel] | None:
+    """The model of a `SomeModel` or `SomeModel | None` field (e.g. data.replay), else None."""
+    for t in (ann, *getattr(ann, "__args__", ())):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
     return None
 
 

@@ -385,8 +385,11 @@ def convert_lora_to_gguf(adapter_dir: str | Path, base_hf_dir: str | Path, out_p
             "alpha": scaling * r, "scaling": scaling, "seconds": phases.get("total_s")}
 
 
-def _converter_view(hf_dir: Path, scratch: Path) -> Path:
-    """hf_dir itself, or a symlinked copy whose tokenizer_config.json lists the added tokens.
+KEEP_TEMPLATE: Any = object()  # convert_to_gguf(chat_template=...): keep the directory's own template
+
+
+def _added_tokens_decoder(hf_dir: Path) -> dict[str, Any] | None:
+    """The `added_tokens_decoder` tokenizer_config.json lacks, or None when nothing needs adding.
 
     transformers 5 keeps added tokens (ChatML markers, <start_of_turn>...) only in tokenizer.json, while
     the converter's SentencePiece path reads them from tokenizer_config.json `added_tokens_decoder`.
@@ -394,35 +397,58 @@ def _converter_view(hf_dir: Path, scratch: Path) -> Path:
     """
     tj, tc = hf_dir / "tokenizer.json", hf_dir / "tokenizer_config.json"
     if not tj.is_file() or not (hf_dir / "tokenizer.model").is_file():
-        return hf_dir
+        return None
     try:
         added = json.loads(tj.read_text(encoding="utf-8")).get("added_tokens") or []
         conf = json.loads(tc.read_text(encoding="utf-8")) if tc.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return hf_dir
+        return None
     if not added or conf.get("added_tokens_decoder"):
+        return None
+    return {str(t["id"]): {k: t.get(k, False) for k in ("content", "lstrip", "normalized", "rstrip", "single_word",
+                                                        "special")} for t in added}
+
+
+def _converter_view(hf_dir: Path, scratch: Path, chat_template: Any = KEEP_TEMPLATE) -> Path:
+    """hf_dir itself, or a symlinked copy with a patched tokenizer_config.json (the added tokens) and/or
+    another chat_template.jinja (str) or none at all (None): the converter writes what it finds there."""
+    decoder = _added_tokens_decoder(hf_dir)
+    own = hf_dir / "chat_template.jinja"
+    swap = chat_template is not KEEP_TEMPLATE and chat_template != (
+        own.read_text(encoding="utf-8") if own.is_file() else None)
+    if decoder is None and not swap:
         return hf_dir
+    tc = hf_dir / "tokenizer_config.json"
+    try:
+        conf = json.loads(tc.read_text(encoding="utf-8")) if tc.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return hf_dir  # the converter reports the damaged file itself
     scratch.mkdir(parents=True, exist_ok=True)
+    replaced = {"tokenizer_config.json"} | ({"chat_template.jinja", "chat_template.json"} if swap else set())
     for p in hf_dir.iterdir():
-        if p.name != "tokenizer_config.json":
+        if p.name not in replaced:
             (scratch / p.name).symlink_to(p.resolve())
-    conf["added_tokens_decoder"] = {
-        str(t["id"]): {k: t.get(k, False) for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
-        for t in added
-    }
-    (scratch / "tokenizer_config.json").write_text(json.dumps(conf, indent=1, ensure_ascii=False))
+    if decoder is not None:
+        conf["added_tokens_decoder"] = decoder
+    if swap:
+        conf.pop("chat_template", None)
+        if chat_template is not None:
+            (scratch / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+    if tc.is_file() or decoder is not None:
+        (scratch / "tokenizer_config.json").write_text(json.dumps(conf, indent=1, ensure_ascii=False))
     return scratch
 
 
 def convert_to_gguf(hf_dir: str | Path, out_path: str | Path, outtype: str = "f16",
                     metadata: dict[str, Any] | None = None, model_name: str | None = None,
-                    pre_tokenizer: str | None = None) -> dict[str, Any]:
+                    pre_tokenizer: str | None = None, chat_template: Any = KEEP_TEMPLATE) -> dict[str, Any]:
     """Convert an HF model directory to one GGUF file with llama.cpp's converter.
 
     outtype: f16 | bf16 | f32 | q8_0. metadata: general.* overrides (the converter's --metadata JSON,
     e.g. {"general.finetune": ..., "general.base_models": [{"name": ..., "repo_url": ...}],
-    "general.datasets": [...]}). pre_tokenizer: see _run_driver. The file is written beside out_path and
-    renamed into place.
+    "general.datasets": [...]}). pre_tokenizer: see _run_driver. chat_template: the GGUF's
+    tokenizer.chat_template (None: none), instead of the directory's own. The file is written beside
+    out_path and renamed into place.
     Returns {"path", "bytes", "seconds", "phases", "architecture", "tokenizer"}.
     """
     from ..core.hf_dir import safetensors_summary
@@ -448,7 +474,7 @@ def convert_to_gguf(hf_dir: str | Path, out_path: str | Path, outtype: str = "f1
     scratch = scratch_root / hf_dir.resolve().name
     t0 = time.perf_counter()
     try:
-        src = _converter_view(hf_dir, scratch)
+        src = _converter_view(hf_dir, scratch, chat_template)
         res, _tail, phases = _run_driver("convert", src, args, total_tensors=safetensors_summary(hf_dir)["tensors"],
                                          label=f"GGUF {outtype.upper()}", pre_tokenizer=pre_tokenizer)
         if not tmp.is_file() or tmp.stat().st_size == 0:

@@ -185,7 +185,11 @@ def build_gguf(cfg, run, merged_dir: Path, out: Path) -> dict[str, Any]:
     src = out / f"{name}-{hi}.gguf"
     timings: dict[str, float] = {}
     ui.info(f"export: {merged_dir} -> {src.name} with llama.cpp's converter")
-    conv = _convert_with_lineage(cfg, run, merged_dir, src)
+    template_path = merged_dir / "chat_template.jinja"
+    template = template_path.read_text(encoding="utf-8") if template_path.is_file() else None
+    gguf_template = _gguf_chat_template(template, ecfg.gguf_chat_template)
+    conv = _convert_with_lineage(cfg, run, merged_dir, src,
+                                 **({"chat_template": gguf_template.jinja} if template is not None else {}))
     timings["convert_s"] = conv["seconds"]
     files = {hi: src}
     to_quantize = {q: out / f"{name}-{q}.gguf" for q in dict.fromkeys(ecfg.quants) if q != hi}
@@ -196,11 +200,10 @@ def build_gguf(cfg, run, merged_dir: Path, out: Path) -> dict[str, Any]:
         timings.update({f"quantize_{q}_s": s for q, s in qsec.items()})
         files.update(to_quantize)
 
-    template_path = merged_dir / "chat_template.jinja"
-    template = template_path.read_text(encoding="utf-8") if template_path.is_file() else None
     data_dir = Path(run.root) / "data" if run is not None and (Path(run.root) / "data").is_dir() else None
     t = time.perf_counter()
-    results = verify_outputs(files, merged_dir, data_dir, template, verify=ecfg.verify, base_quant=hi,
+    results = verify_outputs(files, merged_dir, data_dir, gguf_template.jinja if template is not None else None,
+                             verify=ecfg.verify, base_quant=hi,
                              parity=ecfg.tokenizer_parity)
     timings["verify_s"] = round(time.perf_counter() - t, 3)
 
@@ -209,7 +212,8 @@ def build_gguf(cfg, run, merged_dir: Path, out: Path) -> dict[str, Any]:
         adapter_info = export_adapter(cfg, run, merged_dir, out, src, data_dir, verify=ecfg.verify)
 
     report = {"files": results, "timings": timings, "converter": {k: conv[k] for k in ("phases", "architecture", "tokenizer", "lowmem")},
-              "ppl_tolerance": PPL_TOLERANCE, "adapter": adapter_info}
+              "ppl_tolerance": PPL_TOLERANCE, "adapter": adapter_info,
+              "gguf_chat_template": gguf_template.as_dict()}
     atomic_write_text(out / "verify.json", json.dumps(report, indent=2) + "\n")
     _print_table(results)
     default_q = cfg.ollama.quant if cfg.ollama.quant in files else next(iter(files))
@@ -228,6 +232,7 @@ def build_gguf(cfg, run, merged_dir: Path, out: Path) -> dict[str, Any]:
         "converter_phases": conv["phases"],
         "adapter": adapter_info,
         "summary": summary,
+        "gguf_chat_template": gguf_template.as_dict(),
     }
 
 
@@ -286,11 +291,26 @@ def export_adapter(cfg, run, merged_dir: Path, out: Path, merged_gguf: Path, dat
     return info
 
 
-def _convert_with_lineage(cfg, run, merged_dir: Path, dst: Path) -> dict[str, Any]:
+def _convert_with_lineage(cfg, run, merged_dir: Path, dst: Path, **overrides: Any) -> dict[str, Any]:
     from .converter import convert_to_gguf
 
     return convert_to_gguf(merged_dir, dst, outtype=cfg.export.outtype, metadata=lineage_metadata(cfg, run),
-                           pre_tokenizer=cfg.export.pre_tokenizer)
+                           pre_tokenizer=cfg.export.pre_tokenizer, **overrides)
+
+
+def _gguf_chat_template(template: str | None, mode: str):
+    """The chat template the GGUF carries (Ollama v0.30+ must not prefer it over the TEMPLATE); says why."""
+    from ..ollama.capabilities import choose_gguf_chat_template
+
+    choice = choose_gguf_chat_template(template, mode)
+    if choice.not_advertised:
+        what = " and ".join(choice.not_advertised)
+        kept = (f"it carries the {choice.source.split(':', 1)[1]} family's equivalent template instead"
+                if choice.source.startswith("family:") else "it carries no chat template")
+        ui.warn(f"export: {what} not advertised through the GGUF: {kept}. {choice.reason}. Tool calls through "
+                "Ollama are refused for this model; set export.gguf_chat_template: training to keep them in the GGUF "
+                "for other runtimes (newer Ollama then renders that template instead)")
+    return choice
 
 
 def verify_outputs(files: dict[str, Path], merged_dir: Path, data_dir: Path | None, template: str | None,
@@ -300,8 +320,9 @@ def verify_outputs(files: dict[str, Path], merged_dir: Path, data_dir: Path | No
     for q, p in files.items():
         info = verify_gguf_file(p, load=verify)
         problems = []
-        if template is not None and info["chat_template"] != template:
-            problems.append("tokenizer.chat_template differs from the training chat template")
+        # template "": the GGUF must carry no chat template (see ollama.capabilities)
+        if template is not None and (info["chat_template"] or "") != template:
+            problems.append("tokenizer.chat_template differs from the chat template chosen for the GGUF")
         if not info["lineage"].get("general.base_model.count"):
             problems.append("lineage keys general.base_model.* missing")
         if problems:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -233,7 +234,9 @@ def register_run(cfg, run, host: str, gate_force: bool = False) -> dict[str, Any
     http = httpx.Client(base_url=host, timeout=httpx.Timeout(30.0, read=600.0, write=600.0))
     client = ollama.Client(host=host, timeout=httpx.Timeout(30.0, read=600.0))
     try:
-        refuse_unloadable_adapters(req, local, _server_version(http))
+        version = _server_version(http)
+        refuse_unloadable_adapters(req, local, version)
+        refuse_newer_parameters(req, version)
         uploaded, skipped = _sync_blobs(http, local, host, name, modelfile_path)
         statuses = create_model(client, name, req)
         verify = _verify(http, client, name, req)
@@ -286,6 +289,28 @@ def _server_version(http) -> str | None:
         return None
 
 
+# PARAMETERs that older servers refuse at create ("unknown parameter"): the first version that takes them
+# (read from api/types.go: v0.24.0 lacks draft_num_predict, v0.30 has it).
+PARAMETER_SINCE = {"draft_num_predict": (0, 30, 0)}
+
+
+def _version_tuple(version: str | None) -> tuple[int, ...] | None:
+    parts = re.findall(r"\d+", (version or "").split("-")[0])[:3]
+    return tuple(int(p) for p in parts) if parts else None
+
+
+def refuse_newer_parameters(req: dict[str, Any], version: str | None) -> None:
+    """Stop before any upload when the Modelfile sets a PARAMETER the server's version does not know."""
+    have = _version_tuple(version)
+    if have is None:
+        return  # unknown version: the server itself reports what it refuses
+    newer = {k: v for k, v in PARAMETER_SINCE.items() if k in (req.get("parameters") or {}) and have < v}
+    if newer:
+        names = ", ".join(f"{k} (Ollama >= {'.'.join(map(str, v))})" for k, v in newer.items())
+        raise UserError(f"Ollama {version} does not know PARAMETER {names}; nothing was uploaded",
+                        hint="remove it from ollama.parameters, or upgrade Ollama")
+
+
 def refuse_unloadable_adapters(req: dict[str, Any], local: dict[str, Path], version: str | None) -> None:
     """ADAPTER on a base the server cannot combine with a LoRA: stop before any upload, say why and what
     works instead (register the merged model, the default)."""
@@ -309,20 +334,8 @@ def refuse_unloadable_adapters(req: dict[str, Any], local: dict[str, Path], vers
                 hint="register the merged model instead (the default: FROM the run's merged GGUF, no ADAPTER)")
 
 
-def jinja_override_reasons(jinja: str | None, go_template: str | None) -> list[str]:
-    """Why Ollama v0.30+ could prefer the GGUF's jinja template over our Go TEMPLATE (§6.3): the
-    jinja shows capabilities (tools, thinking) the Go template does not."""
-    if not jinja or not go_template:
-        return []
-    reasons = []
-    if ("tools" in jinja or "tool_call" in jinja) and ".Tools" not in go_template:
-        reasons.append("tools")
-    if "<think>" in jinja and "</think>" in jinja and "<think>" not in go_template and ".Think" not in go_template:
-        reasons.append("thinking")
-    return reasons
-
-
 def _gguf_template_override_risk(req: dict[str, Any], local: dict[str, Path]) -> list[str]:
+    from .capabilities import jinja_override_reasons
     from .store import gguf_facts
 
     for rel, digest in (req.get("files") or {}).items():
