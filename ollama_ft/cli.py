@@ -152,11 +152,17 @@ def data_validate(
     path: Annotated[Path, typer.Argument(help="File or directory (jsonl, json, csv, parquet, txt)")],
     format: Annotated[str, typer.Option(help="auto | alpaca | sharegpt | messages | prompt_completion | text")] = "auto",
     show: Annotated[int, typer.Option(help="How many problems to list")] = 20,
+    near_duplicates: Annotated[float | None, typer.Option(
+        help="Also list near-duplicates (MinHash) at this Jaccard similarity, e.g. 0.85")] = None,
 ) -> None:
-    """Check every record; list problems with file:line and field; exit 1 if any."""
-    from .data.stage import validate_command
+    """Check every record; list problems with file:line and field; exit 1 if any.
 
-    validate_command(path, format=format, show=show)
+    Also reports what the data stage would do: duplicates (exact, and near with --near-duplicates),
+    the category balance when records carry `category`, and timestamp coverage for `data.split: time`.
+    """
+    from .data.commands import validate_command
+
+    validate_command(path, format=format, show=show, near_duplicates=near_duplicates)
 
 
 @data_app.command("prepare")
@@ -176,8 +182,9 @@ def data_inspect(
     n: Annotated[int, typer.Option(help="Examples to show")] = 3,
     split: Annotated[str, typer.Option(help="train | validation | test")] = "train",
 ) -> None:
-    """Show rendered examples with the trained (assistant) tokens highlighted."""
-    from .data.stage import inspect_command
+    """Show rendered examples with the trained (assistant) tokens highlighted, after the data stage's
+    findings (near-duplicates, perplexity outliers, category balance, time split, replay mix)."""
+    from .data.commands import inspect_command
 
     inspect_command(run, n=n, split=split)
 

@@ -14,16 +14,12 @@ import pytest
 
 from ollama_ft.core.config import RunConfig
 from ollama_ft.core.errors import UserError
+from ollama_ft.data.commands import inspect_command, validate_command
 from ollama_ft.data.formats import Report, content_keys, iter_records
-from ollama_ft.data.stage import (
-    ChatRenderer,
-    assign_split,
-    build_data,
-    inspect_command,
-    resolve_data_path,
-    token_labels,
-    validate_command,
-)
+from ollama_ft.data.render import ChatRenderer
+from ollama_ft.data.split import assign_split
+from ollama_ft.data.stage import build_data, resolve_data_path
+from ollama_ft.data.writer import token_labels
 from tests.tiny_models import CHATML_TEMPLATE
 
 ROOT = Path(__file__).resolve().parent.parent

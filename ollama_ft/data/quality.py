@@ -1,0 +1,142 @@
+"""Answer perplexity under the base model, and its outliers (`data.quality.perplexity_outliers`).
+
+Every domain example's trained tokens (the answers) are scored by one forward pass of the base
+model: mean negative log-likelihood per trained token, perplexity = exp(that). Outliers are
+examples whose log-perplexity is far from the rest by a robust z-score, (x - median) / MAD (scipy's
+normal-scaled median absolute deviation, so a few garbled records cannot hide themselves by
+inflating a standard deviation); the usual cut is 3.5.
+
+Cheap by construction: examples are packed into one row per batch (position ids restart per
+example, as in training, so no padding and no cross-talk), logits are computed only at the trained
+positions (`logits_to_keep`), the model runs under no_grad in the configured compute dtype, and
+scores are cached on disk per (base model, token ids, labels): re-running the data stage with
+another threshold or action costs no forward pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ..core import ui
+from .writer import IGNORE
+
+
+def _example_key(ids: list[int], labels: list[int]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(bytes(memoryview(_int32(ids))))
+    h.update(bytes(memoryview(_int32([x != IGNORE for x in labels]))))
+    return h.hexdigest()
+
+
+def _int32(v):
+    from array import array
+
+    return array("i", [int(x) for x in v])
+
+
+def base_key(base_dir: Path, dtype_name: str) -> str:
+    """Identity of the scoring model: its metadata, config and weight files (names, sizes), dtype."""
+    h = hashlib.sha256(dtype_name.encode())
+    for name in ("ollama_ft_base.json", "config.json"):
+        p = base_dir / name
+        if p.is_file():
+            h.update(p.read_bytes())
+    for p in sorted(base_dir.glob("*.safetensors")):
+        h.update(f"{p.name}:{p.stat().st_size}".encode())
+    return h.hexdigest()[:24]
+
+
+def _cache_file(base_dir: Path, dtype_name: str) -> Path:
+    from ..core.files import cache_root
+
+    return cache_root() / "data-quality" / f"{base_key(base_dir, dtype_name)}.json"
+
+
+def _load_cache(path: Path) -> dict[str, float]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def score(base_dir: Path, examples: list[tuple[list[int], list[int]]], compute_dtype: str,
+          batch_size: int) -> tuple[list[float], dict[str, Any]]:
+    """Mean NLL per trained token of each (ids, labels), and how it was computed."""
+    import torch
+
+    from ..core.compute_dtype import choose
+    from ..core.runs import atomic_write_text
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = choose(compute_dtype, device)
+    cache_path = _cache_file(Path(base_dir), dt.name)
+    cache = _load_cache(cache_path)
+    keys = [_example_key(i, lab) for i, lab in examples]
+    todo = [k for k, key in enumerate(keys) if key not in cache]
+    info = {"device": device, "dtype": dt.name, "scored": len(todo), "cached": len(keys) - len(todo)}
+    if todo:
+        model = _load_model(base_dir, dt.torch_dtype, device)
+        with ui.progress_steps() as prog:
+            task = prog.add_task("data: answer perplexity under the base model", total=len(todo))
+            for b in range(0, len(todo), batch_size):
+                chunk = todo[b:b + batch_size]
+                for k, nll in zip(chunk, _batch_nll(model, [examples[k] for k in chunk], device), strict=True):
+                    cache[keys[k]] = nll
+                prog.advance(task, len(chunk))
+        del model
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache_path, json.dumps(cache))
+    return [cache[k] for k in keys], info
+
+
+def _load_model(base_dir: Path, dtype, device: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
+    return model.to(device).eval()
+
+
+def _batch_nll(model, batch: list[tuple[list[int], list[int]]], device: str) -> list[float]:
+    """One packed forward pass; logits only where a trained token is predicted."""
+    import torch
+
+    ids, pos, keep, targets, owner = [], [], [], [], []
+    for j, (x, lab) in enumerate(batch):
+        off = len(ids)
+        ids.extend(x)
+        pos.extend(range(len(x)))
+        for t in range(len(x) - 1):  # position t predicts token t+1
+            if lab[t + 1] != IGNORE:
+                keep.append(off + t)
+                targets.append(x[t + 1])
+                owner.append(j)
+    if not keep:
+        return [math.nan] * len(batch)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([pos], device=device),
+                    logits_to_keep=torch.tensor(keep, device=device))
+        logits = out.logits[0].float()
+        nll = torch.nn.functional.cross_entropy(logits, torch.tensor(targets, device=device), reduction="none")
+        own = torch.tensor(owner, device=device)
+        sums = torch.zeros(len(batch), device=device).index_add_(0, own, nll)
+        counts = torch.zeros(len(batch), device=device).index_add_(0, own, torch.ones_like(nll))
+    return [float(s / c) if c else math.nan for s, c in zip(sums.tolist(), counts.tolist(), strict=True)]
+
+
+def outliers(nll: list[float], threshold: float, side: str) -> tuple[list[float], list[bool], dict[str, float]]:
+    """(robust z per example, outlier flags, the centre and spread used) on log-perplexity = NLL."""
+    import numpy as np
+    from scipy.stats import median_abs_deviation
+
+    x = np.asarray(nll, dtype=float)
+    ok = np.isfinite(x)
+    med = float(np.median(x[ok])) if ok.any() else 0.0
+    mad = float(median_abs_deviation(x[ok], scale="normal")) if ok.any() else 0.0
+    z = (x - med) / mad if mad > 0 else np.zeros_like(x)
+    z[~ok] = 0.0
+    flag = z > threshold if side == "high" else np.abs(z) > threshold
+    return z.tolist(), flag.tolist(), {"median_ppl": round(math.exp(med), 3), "mad_log_ppl": round(mad, 4)}
