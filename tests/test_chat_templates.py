@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from ollama_ft.core.errors import UserError
+from ollama_ft.ollama import rendering
 from ollama_ft.ollama import templates as ct
 
 FIXTURES = {
@@ -125,7 +126,7 @@ def test_go_renderer_data_model():
 
 
 def test_go_missing_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(ct.shutil, "which", lambda name: None)
+    monkeypatch.setattr(rendering.shutil, "which", lambda name: None)
     with pytest.raises(UserError) as e:
         ct.render_go("{{ .Messages }}", [])
     assert "Go is not installed" in e.value.message and "golang-go" in e.value.hint
