@@ -451,7 +451,7 @@ def get_family(name: str) -> ChatFamily:
         raise UserError(
             f"unknown chat family '{name}': ollama-ft has no Go TEMPLATE for it",
             hint=f"known families: {', '.join(_FAMILIES)} (aliases: {', '.join(sorted(_ALIASES))}); "
-                 "a new family needs a Go template, stop tokens and a jinja template in ollama_ft/ollama/templates.py")
+                 "a new family needs a Go template, stop tokens and a jinja template in ollama_ft/ollama/families.py")
     return _FAMILIES[key]
 
 
