@@ -68,7 +68,7 @@ def resolve_checkpointing(cfg: RunConfig, base_dir: Path, device: str) -> tuple[
         memory = float(torch.cuda.get_device_properties(0).total_memory)
     else:
         memory = float(psutil.virtual_memory().available)
-    return decide_checkpointing(dims, settings_from_config(cfg, device), memory)
+    return decide_checkpointing(dims, settings_from_config(cfg, device, dims), memory)
 
 
 def pick_device_and_dtype(cfg: RunConfig):
@@ -85,23 +85,6 @@ def pick_device_and_dtype(cfg: RunConfig):
         name = "adamw"
     optim = {"adamw": "adamw_torch", "paged_adamw_8bit": "paged_adamw_8bit", "adamw_8bit": "adamw_bnb_8bit"}[name]
     return ("cuda" if cuda else "cpu"), dtype, optim
-
-
-def resolve_layers(spec: str | list[int], n_layers: int) -> list[int] | None:
-    """lora.layers -> the layer indices peft adapts (None: all of them)."""
-    if spec == "all":
-        return None
-    if isinstance(spec, list):
-        bad = [i for i in spec if i >= n_layers]
-        if bad:
-            raise UserError(f"lora.layers={spec}: this model has layers 0..{n_layers - 1}, not {bad}",
-                            hint=f"use indices below {n_layers}, 'last N' or all")
-        return list(spec)
-    kind, n = spec.split()
-    if int(n) > n_layers:
-        raise UserError(f"lora.layers='{spec}': this model has only {n_layers} layers",
-                        hint=f"use 'last {n_layers}' or all")
-    return list(range(n_layers - int(n), n_layers)) if kind == "last" else list(range(int(n)))
 
 
 def _linear_names(model) -> set[str]:
@@ -128,6 +111,8 @@ def resolve_targets(targets: list[str] | str, model) -> list[str] | str:
 def lora_config(cfg: RunConfig, model):
     """The peft LoraConfig for this config on this model."""
     from peft import LoraConfig
+
+    from .plan import resolve_layers
 
     n_layers = int(getattr(model.config.get_text_config(), "num_hidden_layers", 0) or 0)
     layers = resolve_layers(cfg.lora.layers, n_layers) if n_layers else None

@@ -108,6 +108,9 @@ class PlanSettings:
     upcast_non_quantized: bool = False  # peft.prepare_model_for_kbit_training's fp32 copy
     trained_fraction: float = 1.0  # share of tokens with a label (the chunked loss only projects those)
     device: str = "cuda"  # cuda | cpu
+    adapted_layers: tuple[int, ...] | None = None  # lora.layers resolved (None: every layer)
+    modules_to_save: tuple[str, ...] = ()  # modules trained in full (embed_tokens, lm_head)
+    shards: int = 1  # FSDP: processes the base and the trained weights are sharded over
 
 
 @dataclass
@@ -152,15 +155,55 @@ _ALIASES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_p
 def _targeted(targets) -> set[str]:
     if targets == "all-linear" or targets is None:
         return set(_NAMES)
+    if targets == "attention":
+        return set(_ATTN)
+    if targets == "mlp":
+        return set(_NAMES) - _ATTN
     out: set[str] = set()
     for t in targets:
         out.update(_ALIASES.get(t, (t,)))
     return out & set(_NAMES)
 
 
-def lora_params(d: ModelDims, r: int, targets="all-linear") -> int:
+def lora_params(d: ModelDims, r: int, targets="all-linear", adapted_layers: tuple[int, ...] | None = None) -> int:
     keep = _targeted(targets)
-    return d.layers * sum(r * (a + b) for name, (a, b) in zip(_NAMES, d.linears(), strict=True) if name in keep)
+    n = d.layers if adapted_layers is None else len(adapted_layers)
+    return n * sum(r * (a + b) for name, (a, b) in zip(_NAMES, d.linears(), strict=True) if name in keep)
+
+
+def resolve_layers(spec: str | list[int], n_layers: int) -> list[int] | None:
+    """lora.layers -> the layer indices peft adapts (None: all of them)."""
+    from ..core.errors import UserError
+
+    if spec == "all":
+        return None
+    if isinstance(spec, list):
+        bad = [i for i in spec if i >= n_layers]
+        if bad:
+            raise UserError(f"lora.layers={spec}: this model has layers 0..{n_layers - 1}, not {bad}",
+                            hint=f"use indices below {n_layers}, 'last N' or all")
+        return list(spec)
+    kind, n = spec.split()
+    if int(n) > n_layers:
+        raise UserError(f"lora.layers='{spec}': this model has only {n_layers} layers",
+                        hint=f"use 'last {n_layers}' or all")
+    return list(range(n_layers - int(n), n_layers)) if kind == "last" else list(range(int(n)))
+
+
+def full_trained(d: ModelDims, modules: tuple[str, ...]) -> dict[str, int]:
+    """Parameters of the modules_to_save that the plan can size: input embedding and LM head."""
+    out = {}
+    for m in modules:
+        if "embed" in m or m in ("wte", "tok_embeddings"):
+            out["embeddings"] = d.vocab * d.hidden
+        elif m in ("lm_head", "output", "embed_out"):
+            out["lm_head"] = d.vocab * d.hidden
+    return out
+
+
+def trainable_params(d: ModelDims, s: PlanSettings) -> dict[str, int]:
+    """Trainable parameters by kind: LoRA on the adapted layers + modules trained in full."""
+    return {"lora": lora_params(d, s.lora_r, s.lora_targets, s.adapted_layers), **full_trained(d, s.modules_to_save)}
 
 
 def layer_activation_bytes(d: ModelDims, s: PlanSettings) -> float:
@@ -194,25 +237,39 @@ def estimate(model_dims: dict[str, Any] | ModelDims, settings: PlanSettings) -> 
     emb_bytes = b * (4 / b if s.upcast_non_quantized else 1)
     if s.load_in_4bit:
         scale = (1 / NF4_BLOCK + 4 / (NF4_BLOCK * DQ_BLOCK)) if s.double_quant else 4 / NF4_BLOCK
-        t["base weights (NF4)"] = d.linear_params * 0.5
-        t["NF4 block scales"] = d.linear_params * scale
+        t["base weights (NF4)"] = d.linear_params * 0.5 / s.shards
+        t["NF4 block scales"] = d.linear_params * scale / s.shards
         # One linear is dequantized to the compute dtype at a time (forward and backward).
         t["dequantized linear (transient)"] = max(a * c for a, c in d.linears()) * b
     else:
-        t["base weights"] = d.linear_params * b
-    t["embeddings + LM head"] = d.embedding_params * emb_bytes + (d.layers * 4 + 1) * d.hidden * emb_bytes
+        t["base weights"] = d.linear_params * b / s.shards
+    t["embeddings + LM head"] = (d.embedding_params * emb_bytes + (d.layers * 4 + 1) * d.hidden * emb_bytes) / s.shards
+    if s.shards > 1:  # FSDP gathers one decoder layer's full weights at a time
+        t["FSDP: one layer gathered"] = d.linear_params / d.layers * (0.5 if s.load_in_4bit else b)
 
-    n_lora = lora_params(d, s.lora_r, s.lora_targets)
-    t["LoRA weights (fp32)"] = n_lora * 4
-    t["LoRA gradients (fp32)"] = n_lora * 4
-    t["optimizer state"] = n_lora * (8 if s.optimizer == "adamw" else 2)
+    n_lora = lora_params(d, s.lora_r, s.lora_targets, s.adapted_layers)
+    t["LoRA weights (fp32)"] = n_lora * 4 / s.shards
+    t["LoRA gradients (fp32)"] = n_lora * 4 / s.shards
+    t["optimizer state"] = n_lora * (8 if s.optimizer == "adamw" else 2) / s.shards
+    full = sum(full_trained(d, s.modules_to_save).values())
+    if full:
+        # A trained copy in the compute dtype, its gradient, AdamW's two moments (param dtype) or 8-bit state,
+        # and the chunked loss's fp32 gradient accumulator for a trained head.
+        head = "lm_head" in full_trained(d, s.modules_to_save)
+        t["modules_to_save (copy + grad + optimizer)"] = full * (2 * b + (2 * b if s.optimizer == "adamw" else 2)) \
+            / s.shards + (d.vocab * d.hidden * 4 if head else 0)
 
     per_layer = layer_activation_bytes(d, s)
+    # Backward stops at the lowest adapted layer: the layers below it keep no activations (nothing in
+    # them or under them needs a gradient), unless the input embedding is trained.
+    low = 0 if s.adapted_layers is None or "embeddings" in full_trained(d, s.modules_to_save) \
+        else min(s.adapted_layers)
+    kept = d.layers - low
     if s.gradient_checkpointing:
-        t["activations (checkpointed layer inputs)"] = d.layers * tokens * b * d.hidden
+        t["activations (checkpointed layer inputs)"] = kept * tokens * b * d.hidden
         t["activations (one layer recomputed)"] = tokens * per_layer
     else:
-        t["activations (all layers)"] = d.layers * tokens * per_layer
+        t["activations (adapted layers and above)" if low else "activations (all layers)"] = kept * tokens * per_layer
     t["activation gradients"] = tokens * (3 * b * d.hidden + 2 * b * d.intermediate)
 
     if s.loss == "chunked":
@@ -279,9 +336,11 @@ def resolve_batching(batch_size: int, micro_batch_size: int | None, world: int =
     return micro, accum, micro * accum * world
 
 
-def settings_from_config(cfg, device: str = "cuda") -> PlanSettings:
-    """PlanSettings for a RunConfig as the train stage would run it on `device`."""
+def settings_from_config(cfg, device: str = "cuda", dims: ModelDims | None = None) -> PlanSettings:
+    """PlanSettings for a RunConfig as the train stage would run it on `device` (dims: to resolve lora.layers)."""
     t = cfg.training
+    layers = resolve_layers(cfg.lora.layers, dims.layers) if dims is not None else None
+    shards = t.nproc * t.nnodes if t.distributed == "fsdp" else 1
     micro, accum, _ = resolve_batching(t.batch_size, t.micro_batch_size, t.nproc)
     opt = cfg.optimizer.name
     if opt == "auto":
@@ -293,7 +352,19 @@ def settings_from_config(cfg, device: str = "cuda") -> PlanSettings:
         load_in_4bit=cfg.load_in_4bit,
         compute_bytes=4 if _compute_dtype_name(cfg, device) == "float32" else 2,
         gradient_checkpointing=cfg.training.gradient_checkpointing is not False, optimizer=opt,
-        loss="chunked", loss_chunk=t.loss_chunk_size, device=device)
+        loss="chunked", loss_chunk=t.loss_chunk_size, device=device,
+        adapted_layers=tuple(layers) if layers is not None else None,
+        modules_to_save=tuple(cfg.lora.modules_to_save), shards=shards)
+
+
+def _trainable_line(d: ModelDims, s: PlanSettings) -> str:
+    parts = trainable_params(d, s)
+    total = sum(parts.values())
+    n = d.layers if s.adapted_layers is None else len(s.adapted_layers)
+    kinds = " + ".join(f"{v / 1e6:.2f}M {k}" for k, v in parts.items())
+    shard = f", sharded over {s.shards} processes (FSDP)" if s.shards > 1 else ""
+    return (f"trainable parameters: {total:,} ({kinds}) = {100 * total / d.parameters:.3f}% of "
+            f"{d.parameters / 1e9:.2f}B, LoRA in {n} of {d.layers} layers{shard}")
 
 
 def decide_checkpointing(dims: ModelDims, settings: PlanSettings, memory_bytes: float) -> tuple[bool, str]:
@@ -476,7 +547,7 @@ def plan_command(config: Path, budget: str = "16GB", overrides: list[str] | None
         raise UserError(f"{source}: cannot read the model dimensions ({type(e).__name__}: {e})",
                         hint="hidden_size, num_attention_heads, num_hidden_layers, intermediate_size and "
                              "vocab_size must be positive whole numbers") from None
-    s = settings_from_config(cfg, device)
+    s = settings_from_config(cfg, device, dims)
     gc_note = ""
     if cfg.training.gradient_checkpointing == "auto":
         on, why = decide_checkpointing(dims, s, budget_b)
@@ -489,6 +560,7 @@ def plan_command(config: Path, budget: str = "16GB", overrides: list[str] | None
     ui.out.print(f"training: {'QLoRA NF4' if s.load_in_4bit else 'LoRA'} r={s.lora_r}, seq {s.seq_len} x micro-batch "
                  f"{s.micro_batch} (accumulation {s.accumulation}), optimizer {s.optimizer}, "
                  f"checkpointing {'on' if s.gradient_checkpointing else 'off'}{gc_note}, loss chunk {s.loss_chunk}")
+    ui.out.print(_trainable_line(dims, s))
     rows = [[k, f"{v / GB:.2f}"] for k, v in b.train.items()]
     rows.append(["[bold]peak (training)[/]", f"[bold]{b.train_total / GB:.2f}[/]"])
     ui.table(f"training peak on {device.upper()} (GB)", ["component", "GB"], rows)

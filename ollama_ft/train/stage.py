@@ -253,7 +253,8 @@ def _write_outputs(cfg, s: _Setup, trainer, best_cb, metrics_cb, params, checkpo
         "epochs": round(trainer.state.epoch or 0.0, 4),
         "train_examples": len(s.train_ds),
         "final_train_loss": train_recs[-1]["loss"] if train_recs else None,
-        "final_learning_rate": train_recs[-1].get("learning_rate") if train_recs else None,
+        # The schedule's value at the last step (cosine_with_min_lr reaches the floor there).
+        "final_learning_rate": trainer.lr_scheduler.get_last_lr()[0] if trainer.lr_scheduler else None,
         "best_eval_loss": best_loss,
         "best_eval_perplexity": math.exp(min(best_loss, 50.0)) if best_loss is not None else None,
         "best_step": chosen.get("step"),

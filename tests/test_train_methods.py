@@ -1,0 +1,336 @@
+"""Training methods of issue 17 on the tiny models: layer-limited LoRA and target presets, label smoothing,
+per-group learning rates (LoRA+, modules_to_save) with a cosine floor, multi-stage tuning and continued
+adapters, FSDP/rendezvous launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ollama_ft.core.config import StageSpec
+from ollama_ft.core.errors import UserError
+from tests.test_train import tiny_cfg, write_data
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory, tiny_tokenizer_dir):
+    return write_data(tiny_tokenizer_dir, tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def other_data(tmp_path_factory, tiny_tokenizer_dir):
+    return write_data(tiny_tokenizer_dir, tmp_path_factory.mktemp("data2"), seed=5)
+
+
+def _adapter_keys(model) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer-limited LoRA, target presets, trainable-parameter count (model and plan agree)
+
+
+def test_layer_limited_lora_leaves_other_layers_without_adapter(tiny_llama, tmp_path):
+    from ollama_ft.train.model import load_model, trainable_summary
+    from ollama_ft.train.plan import ModelDims, lora_params
+
+    cfg = tiny_cfg()
+    cfg.lora.layers = "last 1"
+    cfg.lora.target_modules = "mlp"
+    model = load_model(cfg, tiny_llama, "cpu", torch.float32)
+    keys = _adapter_keys(model)
+    assert keys and all(".layers.1." in k for k in keys)
+    assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in keys} == {"gate_proj", "up_proj", "down_proj"}
+    model.save_pretrained(str(tmp_path / "a"))
+    saved = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert saved and not any(".layers.0." in k for k in saved)  # untouched layer: no adapter weights at all
+    summary = trainable_summary(model)
+    assert summary["adapted_layers"] == [1]
+    dims = ModelDims.from_config(json.loads((Path(tiny_llama) / "config.json").read_text()))
+    assert summary["trainable_parameters"] == lora_params(dims, 8, "mlp", (1,))  # the plan counts the same
+    full = load_model(tiny_cfg(), tiny_llama, "cpu", torch.float32)
+    assert trainable_summary(full)["trainable_parameters"] == lora_params(dims, 8, "all-linear")
+    assert trainable_summary(full)["adapted_layers"] == [0, 1]
+
+
+def test_layer_list_and_attention_preset(tiny_llama):
+    from ollama_ft.train.model import load_model
+
+    cfg = tiny_cfg()
+    cfg.lora.layers = [0]
+    cfg.lora.target_modules = "attention"
+    keys = _adapter_keys(load_model(cfg, tiny_llama, "cpu", torch.float32))
+    assert all(".layers.0." in k for k in keys)
+    assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in keys} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    cfg.lora.layers = [0, 7]
+    with pytest.raises(UserError, match=r"layers 0\.\.1, not \[7\]"):
+        load_model(cfg, tiny_llama, "cpu", torch.float32)
+
+
+def test_plan_counts_layers_modules_to_save_and_fsdp_shards():
+    from dataclasses import replace
+
+    from ollama_ft.train.plan import ModelDims, PlanSettings, estimate, trainable_params
+
+    d = ModelDims(hidden=1024, layers=24, heads=16, kv_heads=4, head_dim=64, intermediate=2816, vocab=50000,
+                  tied=False)
+    s = PlanSettings(seq_len=512, micro_batch=2, gradient_checkpointing=False)
+    all_layers, last4 = estimate(d, s), estimate(d, replace(s, adapted_layers=tuple(range(20, 24))))
+    assert trainable_params(d, replace(s, adapted_layers=(20, 21, 22, 23)))["lora"] * 6 == trainable_params(d, s)["lora"]
+    # backward stops at layer 20: 4 of 24 layers keep activations
+    assert last4.train["activations (adapted layers and above)"] * 6 == pytest.approx(
+        all_layers.train["activations (all layers)"])
+    head = estimate(d, replace(s, modules_to_save=("lm_head",)))
+    assert head.train["modules_to_save (copy + grad + optimizer)"] >= d.vocab * d.hidden * (2 + 2 + 4 + 4)
+    fsdp = estimate(d, replace(s, shards=2))
+    assert fsdp.train["base weights (NF4)"] * 2 == pytest.approx(all_layers.train["base weights (NF4)"])
+    assert fsdp.train_total < all_layers.train_total
+
+
+# ---------------------------------------------------------------------------------------------
+# Label smoothing
+
+
+def test_label_smoothing_is_exact_against_torch(tiny_llama):
+    """The chunked loss with smoothing == F.cross_entropy(label_smoothing=0.1) on the same logits, -100 included."""
+    from ollama_ft.train.loss import chunked_ce_sum
+
+    g = torch.Generator().manual_seed(3)
+    for softcap in (None, 20.0):
+        h = torch.randn(2, 13, 16, generator=g, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(97, 16, generator=g, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(97, generator=g, dtype=torch.float64, requires_grad=True)
+        y = torch.randint(0, 97, (2, 13), generator=g)
+        y[0, :4] = -100
+        y[1, -2:] = -100
+        logits = torch.nn.functional.linear(h, w, b)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 97), y.reshape(-1), ignore_index=-100,
+                                                reduction="sum", label_smoothing=0.1)
+        got, n = chunked_ce_sum(h, w, b, y, chunk=5, softcap=softcap, smoothing=0.1)
+        got = got.double()
+        assert int(n) == 26 - 6
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+        for a, r in zip(torch.autograd.grad(got, (h, w, b)), torch.autograd.grad(ref, (h, w, b)), strict=True):
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+        plain, _ = chunked_ce_sum(h, w, b, y, chunk=5, softcap=softcap)
+        assert abs(float(got) - float(plain)) > 1e-2  # smoothing has an effect
+
+
+def test_label_smoothing_applies_to_training_loss_only(tiny_llama, tiny_data, tmp_path):
+    from transformers import TrainingArguments
+
+    from ollama_ft.train.data import PackingCollator, load_split
+    from ollama_ft.train.model import load_model
+    from ollama_ft.train.trainer import trainer_class
+
+    model = load_model(tiny_cfg(), tiny_llama, "cpu", torch.float32)
+    tr = trainer_class()(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to="none"),
+                         loss_chunk_size=8, label_smoothing=0.1)
+    rows = load_split(tiny_data, "train").rows[:2]
+    with torch.no_grad():
+        model.train()
+        smoothed = tr.compute_loss(model, PackingCollator()(rows))
+        model.eval()
+        plain = tr.compute_loss(model, PackingCollator()(rows))
+        hf = model(input_ids=torch.tensor([rows[0]["input_ids"]]), labels=torch.tensor([rows[0]["labels"]]))
+    assert abs(float(smoothed) - float(plain)) > 1e-3
+    s1, n1, _ = tr._loss_sum(model, PackingCollator()(rows[:1]))
+    torch.testing.assert_close(s1 / n1, hf.loss, rtol=1e-5, atol=1e-5)  # evaluation stays the true CE
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-group learning rates and the cosine floor
+
+
+def test_param_groups_carry_configured_rates_and_lr_ends_at_floor(tiny_llama, tiny_data, tmp_path):
+    from transformers import TrainerCallback
+
+    from tests.test_train import _train
+
+    cfg = tiny_cfg(max_steps=6, eval_steps=100, save_steps=100, learning_rate=2e-3, min_learning_rate=1e-4,
+                   warmup_ratio=0.0)
+    cfg.lora.loraplus_lr_ratio = 16
+    cfg.lora.modules_to_save = ["lm_head"]
+    cfg.lora.lm_head_learning_rate = 1e-4
+    seen = {}
+
+    class Groups(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kw):
+            seen["begin"] = {g["name"]: (g["lr"], len(g["params"])) for g in optimizer.param_groups}
+
+        def on_train_end(self, args, state, control, optimizer=None, **kw):
+            seen["end"] = {g["name"]: g["lr"] for g in optimizer.param_groups}
+
+    info, _ = _train(cfg, tiny_llama, tiny_data, tmp_path, "groups", callbacks=[Groups()])
+    begin = seen["begin"]
+    assert begin["lora_A"][0] == pytest.approx(2e-3) and begin["lora_B"][0] == pytest.approx(32e-3)
+    assert begin["lm_head"] == (pytest.approx(1e-4), 1)  # the trained lm_head copy, its own rate
+    assert begin["lora_A"][1] == begin["lora_B"][1] == 2 * 7  # 2 layers x 7 linears
+    # The floor: the schedule's last value is min_learning_rate for the base rate, the ratios kept.
+    end = seen["end"]
+    assert end["lora_A"] == pytest.approx(1e-4) and info["final_learning_rate"] == pytest.approx(1e-4)
+    assert end["lora_B"] == pytest.approx(16e-4) and end["lm_head"] == pytest.approx(1e-4 * 1e-4 / 2e-3)
+    assert info["hyperparameters"]["param_group_lrs"]["lora_B"] == pytest.approx(32e-3)
+    assert info["hyperparameters"]["lr_scheduler"] == "cosine_with_min_lr"
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-stage tuning, continued adapters
+
+
+def _stage_cfg():
+    cfg = tiny_cfg(max_steps=3, eval_steps=3, save_steps=1, warmup_ratio=0.0, lr_scheduler="constant")
+    cfg.stages = [StageSpec(name="general", learning_rate=3e-3, max_steps=3),
+                  StageSpec(name="task", learning_rate=1e-3, max_steps=4, data="other")]
+    return cfg
+
+
+def _lora_state(model) -> dict[str, torch.Tensor]:
+    return {n.replace(".default", ""): p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_stages_carry_the_adapter_and_use_each_rate(tiny_llama, tiny_data, other_data, tmp_path):
+    from transformers import TrainerCallback
+
+    from ollama_ft.train.stages import train_all
+
+    starts, lrs = [], []
+
+    class Start(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            starts.append(_lora_state(model))
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "learning_rate" in logs:
+                lrs.append((len(starts), logs["learning_rate"]))
+
+    ck, out = tmp_path / "ck", tmp_path / "adapter"
+    info = train_all(_stage_cfg(), tiny_llama, tiny_data, out, ck, False, stage_data={"task": other_data},
+                     show=False, extra_callbacks=[Start()])
+    assert [s["stage"] for s in info["stages"]] == ["general", "task"]
+    assert [s["steps"] for s in info["stages"]] == [3, 4] and info["steps"] == 7
+    assert [lr for k, lr in lrs if k == 1] == pytest.approx([3e-3] * 3)
+    assert [lr for k, lr in lrs if k == 2] == pytest.approx([1e-3] * 4)
+    assert all(s["best_eval_loss"] is not None for s in info["stages"])  # each stage's validation recorded
+    stage1 = load_file(str(ck / "stage-1-general" / "adapter" / "adapter_model.safetensors"))
+    start2 = starts[1]
+    assert stage1.keys() == start2.keys()
+    assert all(torch.equal(stage1[k], start2[k]) for k in stage1)  # stage 2 starts where stage 1 ended
+    assert not all(torch.equal(starts[0][k], start2[k]) for k in stage1)
+    final = load_file(str(out / "adapter_model.safetensors"))
+    last = load_file(str(ck / "stage-2-task" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(final[k], last[k]) for k in final)
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in recs} == {"general", "task"}
+    assert [r["step"] for r in recs if r["type"] == "train"] == list(range(1, 8))  # one continuous curve
+    assert info["stages"][1]["train_examples"] == 32 and info["stages"][1]["data"] == "other"
+
+
+def test_interrupted_stage_run_resumes_inside_that_stage(tiny_llama, tiny_data, other_data, tmp_path):
+    from transformers import TrainerCallback
+
+    from ollama_ft.train.stages import train_all
+
+    class CtrlCInTask(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if "stage-2-task" in args.output_dir and state.global_step == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    ck, out = tmp_path / "ck", tmp_path / "adapter"
+    with pytest.raises(KeyboardInterrupt):
+        train_all(_stage_cfg(), tiny_llama, tiny_data, out, ck, True, stage_data={"task": other_data},
+                  show=False, extra_callbacks=[CtrlCInTask()])
+    summary1 = (ck / "stage-1-general" / "adapter" / "train_summary.json").read_text()
+    assert (ck / "stage-2-task" / "checkpoints" / "checkpoint-2").is_dir()
+    trained = []
+
+    class Count(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            trained.append(args.output_dir)
+
+    info = train_all(_stage_cfg(), tiny_llama, tiny_data, out, ck, True, stage_data={"task": other_data},
+                     show=False, extra_callbacks=[Count()])
+    assert trained == [str(ck / "stage-2-task" / "checkpoints")]  # stage 1 was not trained again
+    assert (ck / "stage-1-general" / "adapter" / "train_summary.json").read_text() == summary1
+    assert info["stages"][1]["resumed_from"].endswith("stage-2-task/checkpoints/checkpoint-2")
+    assert info["stages"][1]["steps"] == 4
+
+
+def test_from_adapter_lineage_and_refusals(tmp_path):
+    from ollama_ft.core.config import load_config
+    from ollama_ft.core.runs import Run
+    from ollama_ft.pipeline import from_adapter
+
+    def make_run(name: str, hidden: int, train: bool = True) -> Run:
+        run = Run.open(name, tmp_path, create=True)
+
+        def base(out):
+            (out / "config.json").write_text(json.dumps({"hidden_size": hidden}))
+            return {}
+
+        run.run_stage("pull", {}, base)
+        if train:
+            run.run_stage("train", {}, lambda out: (out / "adapter_config.json").write_text("{}") and {"steps": 5})
+        return run
+
+    src = make_run("november", 64)
+    src.record_lineage("from_adapter", {"run": "october"})
+    dst = make_run("december", 64, train=False)
+    cfg = load_config(None, [f"runs_dir={tmp_path}", "training.from_adapter=november"]).config
+    adapter, lineage = from_adapter(cfg, dst)
+    assert adapter == src.root / "adapter"
+    assert lineage["run"] == str(src.root) and lineage["train_digest"] == src.output_digest("train")
+    assert lineage["lineage"] == {"from_adapter": {"run": "october"}}  # the chain of both runs
+    other = make_run("other-base", 128, train=False)
+    with pytest.raises(UserError, match="another base model"):
+        from_adapter(cfg, other)
+    with pytest.raises(UserError, match="this run itself"):
+        from_adapter(cfg, src)
+    cfg2 = load_config(None, [f"runs_dir={tmp_path}", "training.from_adapter=december"]).config
+    with pytest.raises(UserError, match="stage 'train' has not run"):
+        from_adapter(cfg2, other)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch: rendezvous options, FSDP
+
+
+def test_torchrun_command_single_node_and_rendezvous():
+    from ollama_ft.core.config import load_config
+    from ollama_ft.train.launch import torchrun_command
+
+    one = load_config(None, ["training.nproc=2"]).config
+    cmd = torchrun_command(one, ["--x"], port=1234)
+    assert cmd[cmd.index("--nproc_per_node") + 1] == "2" and cmd[cmd.index("--master_port") + 1] == "1234"
+    multi = load_config(None, ["training.nproc=4", "training.nnodes=2", "training.rdzv_endpoint=node1:29400",
+                               "name=job"]).config
+    cmd = torchrun_command(multi, ["--x"])
+    assert cmd[cmd.index("--nnodes") + 1] == "2" and cmd[cmd.index("--rdzv-endpoint") + 1] == "node1:29400"
+    assert cmd[cmd.index("--rdzv-backend") + 1] == "c10d" and cmd[cmd.index("--rdzv-id") + 1] == "job"
+    assert "--master_port" not in cmd and cmd[-3:] == ["-m", "ollama_ft.train.worker", "--x"]
+    with pytest.raises(UserError, match="rdzv_endpoint"):
+        load_config(None, ["training.nnodes=2"])
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_on_cpu(tiny_llama, tiny_data, tmp_path):
+    """2 gloo processes with the base sharded (FSDP, non-quantized tiny model): trains and saves a normal
+    PEFT adapter whose validation loss is close to a single process's."""
+    from ollama_ft.train.stage import build_adapter
+
+    cfg = tiny_cfg(max_steps=4, eval_steps=4, save_steps=100)
+    cfg.training.nproc = 2
+    cfg.training.distributed = "fsdp"
+    info = build_adapter(cfg, tiny_llama, tiny_data, tmp_path / "fsdp" / "adapter", tmp_path / "fsdp" / "ck", False)
+    assert info["hyperparameters"]["distributed"] == "fsdp" and info["steps"] == 4
+    saved = load_file(str(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors"))
+    assert saved and all(t.numel() > 0 for t in saved.values())
+    assert any(".layers.0." in k for k in saved) and any(".layers.1." in k for k in saved)
