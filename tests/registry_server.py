@@ -4,12 +4,15 @@
 filesystem storage under `dir`, waits until `GET /v2/` answers 200 and returns a handle whose
 `stop()` ends exactly that process. The `oci_registry` fixture wraps it per test; it skips with
 the reason when the binary is absent (CI installs it: `apt-get install -y docker-registry`).
+`start_registry(..., tls=, htpasswd=, token=)` adds a team's setup: TLS from a test CA, htpasswd
+users, or the token auth of a TokenServer (tests/registry_secure.py).
 """
 
 from __future__ import annotations
 
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -42,16 +45,48 @@ http:
   secret: ollama-ft-test-secret
 """
 
+_TLS = """\
+  tls:
+    certificate: {cert}
+    key: {key}
+"""
+
+_HTPASSWD = """\
+auth:
+  htpasswd:
+    realm: ollama-ft-test
+    path: {path}
+"""
+
+_TOKEN = """\
+auth:
+  token:
+    realm: {realm}
+    service: {service}
+    issuer: {issuer}
+    rootcertbundle: {bundle}
+"""
+
 
 @dataclass
 class RegistryServer:
     """One running registry process."""
 
     host: str  # "127.0.0.1:PORT", the form `--registry` takes
-    url: str  # "http://127.0.0.1:PORT"
+    url: str  # "http://127.0.0.1:PORT" (https with tls)
     root: Path  # storage directory
     proc: subprocess.Popen
     log_path: Path
+    ca_pem: Path | None = None  # the CA that signed its TLS certificate
+
+    def stored_blobs(self) -> list[str]:
+        """Digests of every blob in its storage (what was uploaded, whatever the auth says)."""
+        d = self.root / "docker" / "registry" / "v2" / "blobs" / "sha256"
+        return sorted(p.parent.name for p in d.glob("*/*/data")) if d.is_dir() else []
+
+    def repositories(self) -> list[str]:
+        d = self.root / "docker" / "registry" / "v2" / "repositories"
+        return sorted(str(p.relative_to(d)) for p in d.glob("*/*")) if d.is_dir() else []
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -72,8 +107,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_registry(workdir: Path, timeout: float = 20.0) -> RegistryServer:
-    """Start a registry with storage under `workdir`; wait until GET /v2/ is 200."""
+def start_registry(workdir: Path, timeout: float = 20.0, *, tls=None, htpasswd: Path | None = None,
+                   token=None) -> RegistryServer:
+    """Start a registry with storage under `workdir`; wait until GET /v2/ answers (200, or 401 with auth).
+
+    tls: a TestCA (the registry gets a certificate it signs); htpasswd: a bcrypt htpasswd file;
+    token: a started TokenServer (the registry trusts tokens signed under its CA).
+    """
     binary = shutil.which(BINARY)
     if binary is None:
         raise FileNotFoundError(BINARY)
@@ -82,18 +122,30 @@ def start_registry(workdir: Path, timeout: float = 20.0) -> RegistryServer:
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cfg = workdir / "config.yml"
-    cfg.write_text(_CONFIG.format(root=root, port=port))
+    text = _CONFIG.format(root=root, port=port)
+    if tls is not None:
+        issued = tls.issue("registry")
+        text += _TLS.format(cert=issued.cert, key=issued.key)
+    if htpasswd is not None:
+        text += _HTPASSWD.format(path=htpasswd)
+    if token is not None:
+        text += _TOKEN.format(realm=token.url, service=token.service, issuer=token.issuer, bundle=token.ca.pem)
+    cfg.write_text(text)
     log_path = workdir / "registry.log"
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen([binary, "serve", str(cfg)], stdout=logf, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
-    server = RegistryServer(f"127.0.0.1:{port}", f"http://127.0.0.1:{port}", root, proc, log_path)
+    scheme = "https" if tls is not None else "http"
+    server = RegistryServer(f"127.0.0.1:{port}", f"{scheme}://127.0.0.1:{port}", root, proc, log_path,
+                            tls.pem if tls is not None else None)
+    ready = (200, 401) if (htpasswd or token) else (200,)
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"{BINARY} exited with {proc.returncode}:\n{server.log()}")
         try:
-            if httpx.get(f"{server.url}/v2/", timeout=1.0).status_code == 200:
+            verify = ssl.create_default_context(cafile=str(server.ca_pem)) if server.ca_pem else True
+            if httpx.get(f"{server.url}/v2/", timeout=1.0, verify=verify).status_code in ready:
                 return server
         except httpx.TransportError:
             pass

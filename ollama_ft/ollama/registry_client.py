@@ -84,26 +84,30 @@ def is_loopback(host: str) -> bool:
     return hostname_of(host).lower() in LOOPBACK_HOSTS
 
 
-def scheme_for(host: str, insecure: bool) -> str:
-    """Plain HTTP for loopback registries, or anywhere with --insecure; https otherwise."""
+def scheme_for(host: str, insecure: bool, tls: bool = False) -> str:
+    """https, except plain HTTP for loopback registries or anywhere with --insecure; `tls` (a --ca-cert
+    was given: the registry speaks TLS) keeps https for loopback too."""
+    if tls:
+        return "https"
     return "http" if insecure or is_loopback(host) else "https"
 
 
-def _split_scheme(s: str, insecure: bool) -> tuple[str, bool]:
+def _split_scheme(s: str, insecure: bool) -> tuple[str, str | None]:
+    """`https://rest` / `http://rest` / `rest` -> (rest, the scheme written or None)."""
     s = s.strip()
-    for prefix in ("https://", "http://"):
-        if s.lower().startswith(prefix):
-            rest = s[len(prefix):]
-            if prefix == "http://" and not insecure and not is_loopback(rest.split("/", 1)[0]):
+    for scheme in ("https", "http"):
+        if s.lower().startswith(f"{scheme}://"):
+            rest = s[len(scheme) + 3:]
+            if scheme == "http" and not insecure and not is_loopback(rest.split("/", 1)[0]):
                 raise UserError(f"refusing plain HTTP to {rest.split('/', 1)[0]!r} (from {s!r})",
                                 hint="only loopback registries use http by default; add --insecure to allow it")
-            return rest, (prefix == "http://") or insecure
-    return s, insecure
+            return rest, scheme
+    return s, None
 
 
-def parse_registry(registry: str, insecure: bool = False) -> tuple[str, str | None, str]:
-    """`HOST[:PORT][/namespace]` -> (host, namespace or None, scheme)."""
-    rest, insecure = _split_scheme(registry, insecure)
+def parse_registry(registry: str, insecure: bool = False, tls: bool = False) -> tuple[str, str | None, str]:
+    """`[https://]HOST[:PORT][/namespace]` -> (host, namespace or None, scheme)."""
+    rest, scheme = _split_scheme(registry, insecure)
     rest = rest.strip("/")
     host, _, ns = rest.partition("/")
     if not host:
@@ -112,12 +116,12 @@ def parse_registry(registry: str, insecure: bool = False) -> tuple[str, str | No
     if "/" in ns:
         raise UserError(f"invalid --registry {registry!r}: one namespace level only ({ns!r})",
                         hint="write HOST:PORT/namespace; the model name comes from the NAME argument")
-    return host, (ns or None), scheme_for(host, insecure)
+    return host, (ns or None), scheme or scheme_for(host, insecure, tls)
 
 
-def parse_ref(ref: str, insecure: bool = False) -> Target:
-    """`HOST[:PORT]/namespace/model[:tag]` (as `install` takes it) -> Target, validated."""
-    rest, insecure = _split_scheme(ref, insecure)
+def parse_ref(ref: str, insecure: bool = False, tls: bool = False) -> Target:
+    """`[https://]HOST[:PORT]/namespace/model[:tag]` (as `install` takes it) -> Target, validated."""
+    rest, scheme = _split_scheme(ref, insecure)
     parts = rest.split("/")
     if len(parts) != 3 or not all(parts):
         raise UserError(f"invalid reference {ref!r}: expected HOST:PORT/namespace/NAME[:TAG]",
@@ -126,7 +130,7 @@ def parse_ref(ref: str, insecure: bool = False) -> Target:
     tag = "latest"
     if ":" in model:
         model, _, tag = model.rpartition(":")
-    t = Target(host, ns, model, tag, scheme_for(host, insecure))
+    t = Target(host, ns, model, tag, scheme or scheme_for(host, insecure, tls))
     validate_target(t)
     return t
 
@@ -285,6 +289,11 @@ class RegistryClient:
     def ping(self) -> None:
         """GET /v2/: is this an OCI registry at all?"""
         r = self.request("GET", f"{self.base_url}/v2/")
+        if r.status_code == 400 and "HTTPS server" in r.text:  # Go's answer to plain HTTP on a TLS port
+            host = httpx.URL(self.base_url).netloc.decode()
+            raise UserError(f"the registry at {host} speaks HTTPS, not plain HTTP",
+                            hint=f"write https://{host}/... or pass --ca-cert FILE (loopback registries "
+                                 "default to plain HTTP)")
         if r.status_code != 200:
             raise self.fail("GET /v2/ (API version check)", r)
 

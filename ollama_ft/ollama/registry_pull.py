@@ -253,7 +253,7 @@ def install_command(ref: str, store: Path | None = None, host: str | None = None
     With --store DIR the model is written into that Ollama models directory (Ollama's layout);
     otherwise it goes to the local Ollama through its API (blobs, then /api/create).
     """
-    target = parse_ref(ref, insecure)
+    target = parse_ref(ref, insecure, tls=ca_cert is not None)
     local = parse_name(name or f"{target.model}:{target.tag}")
     access = registry_access(target, username, password_stdin, ca_cert, insecure)
     started = time.time()

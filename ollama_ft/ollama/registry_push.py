@@ -244,7 +244,7 @@ def publish_command(name: str, registry: str, tag: str | None = None, insecure: 
     else a model in the Ollama store (--store DIR, default $OLLAMA_MODELS or ~/.ollama/models).
     The target is HOST:PORT/namespace/<model>:<tag> (namespace default `library`).
     """
-    host, namespace, scheme = parse_registry(registry, insecure)
+    host, namespace, scheme = parse_registry(registry, insecure, tls=ca_cert is not None)
     validate_target(Target(host, namespace or "library", "", tag or "latest", scheme))  # before reading the model
     access = registry_access(Target(host, "", "", "", scheme), username, password_stdin, ca_cert, insecure)
     source = resolve_source(name, store)
@@ -274,5 +274,7 @@ def publish_command(name: str, registry: str, tag: str | None = None, insecure: 
                f"{len(stats.skipped)} blob(s) already there)")
     flags = (" --insecure" if target.scheme == "http" and not is_loopback(target.host) else "") + \
         (f" --ca-cert {ca_cert}" if ca_cert else "")
-    ui.out.print(f"install elsewhere with:  ollama-ft install {target.display}{flags}", highlight=False)
+    ref = f"https://{target.display}" if target.scheme == "https" and is_loopback(target.host) and not ca_cert \
+        else target.display
+    ui.out.print(f"install elsewhere with:  ollama-ft install {ref}{flags}", highlight=False, soft_wrap=True)
     return info
