@@ -13,8 +13,11 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 # torch in .venv is kept, so a GPU user can install the build for their driver first (README).
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/demo.yaml
-# Registry for `make publish`: HOST:PORT/namespace (a run config's publish.registry is used when empty).
+# Registry for `make publish`: HOST:PORT/namespace (a run config's publish.registry is used when empty);
+# CA_CERT: the PEM of a private CA that signed its certificate. Credentials: `docker login` or
+# OLLAMA_FT_REGISTRY_USER/_PASSWORD in the environment (never a make variable: it would show in logs).
 REGISTRY ?= 127.0.0.1:5000/library
+CA_CERT ?=
 NAME ?= demo
 TEST_ARGS ?=
 
@@ -90,7 +93,7 @@ bench: $(STAMP)
 	$(PY) bench/run_all.py
 
 publish: $(STAMP)
-	$(VENV)/bin/ollama-ft publish $(NAME) $(if $(REGISTRY),--registry $(REGISTRY))
+	$(VENV)/bin/ollama-ft publish $(NAME) $(if $(REGISTRY),--registry $(REGISTRY)) $(if $(CA_CERT),--ca-cert $(CA_CERT))
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache
