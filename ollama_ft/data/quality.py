@@ -116,9 +116,9 @@ def _batch_nll(model, batch: list[tuple[list[int], list[int]]], device: str) -> 
                 owner.append(j)
     if not keep:
         return [math.nan] * len(batch)
-    with torch.no_grad():
+    with torch.no_grad():  # no cache: with one, transformers skips the packed-sequence (block-diagonal) mask
         out = model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([pos], device=device),
-                    logits_to_keep=torch.tensor(keep, device=device))
+                    logits_to_keep=torch.tensor(keep, device=device), use_cache=False)
         logits = out.logits[0].float()
         nll = torch.nn.functional.cross_entropy(logits, torch.tensor(targets, device=device), reduction="none")
         own = torch.tensor(owner, device=device)
