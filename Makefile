@@ -37,10 +37,12 @@ install: $(STAMP)
 
 # Debian tools for the full test suite: a real OCI registry (docker-registry) for publish tests, and Go
 # (Ollama's text/template for the TEMPLATE fidelity check; the real Ollama build) where the machine lacks
-# it. Tests that need them skip with a reason when they are absent.
+# it; chromium for the review page's browser test (Playwright drives it: no browser download). Tests that
+# need them skip with a reason when they are absent.
 system-deps:
 	@pkgs=""; command -v docker-registry >/dev/null || pkgs="$$pkgs docker-registry"; \
 	command -v go >/dev/null || pkgs="$$pkgs golang-go"; \
+	test -x /usr/bin/chromium || pkgs="$$pkgs chromium"; \
 	if [ -z "$$pkgs" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
 	  echo "note: install$$pkgs (apt) for the full test suite"; exit 0; fi; \

@@ -314,6 +314,40 @@ CaCertOpt = Annotated[Path | None, typer.Option(
 
 
 @app.command()
+def review(
+    run: RunArg,
+    against: Annotated[str | None, typer.Option(help="Compare with this other run's tuned model instead of the base "
+                                                "(same test examples required)")] = None,
+    reviewer: Annotated[str | None, typer.Option(help="Your name; each reviewer has their own ratings file "
+                                                 "(default: your login name)")] = None,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (default 0: a free one)")] = 0,
+    open_browser: Annotated[bool, typer.Option("--open", help="Open the page in the default browser")] = False,
+    export_csv: Annotated[Path | None, typer.Option(help="Write every reviewer's ratings (sides named) to this CSV "
+                                                    "and exit")] = None,
+    report: Annotated[bool, typer.Option(help="Re-render the eval report with the human-review section from the "
+                                         "ratings (no model is run) and exit")] = False,
+) -> None:
+    """Blind human review: two answers per held-out question (A/B, random order) in a local page.
+
+    Serves 127.0.0.1 on a free port, with a secret token in the URL it prints.
+
+    Rate relevance, fluency and professionalism 1-5 and pick the better answer, all by keyboard.
+
+    Every rating is saved at once to runs/RUN/review/ (one file per reviewer); run it again to resume.
+
+    Which answer came from which model is shown only in the report:
+
+      ollama-ft review demo --reviewer alice     # rate
+
+      ollama-ft review demo --report             # scores, sign test, Wilcoxon, combined score
+    """
+    from .review.command import review_command
+
+    review_command(run, against=against, reviewer=reviewer, port=port, open_browser=open_browser,
+                   export_csv=export_csv, report=report)
+
+
+@app.command()
 def publish(
     name: Annotated[str, typer.Argument(help="Ollama model name or run name, e.g. my-medical-model")],
     registry: Annotated[str | None, typer.Option(help="HOST:PORT\\[/namespace], e.g. 127.0.0.1:5000/team "

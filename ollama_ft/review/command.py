@@ -1,0 +1,84 @@
+"""`ollama-ft review RUN`: serve the page, export CSV, or re-render the report from the ratings."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import re
+import secrets
+import sys
+import webbrowser
+from pathlib import Path
+
+from ..core import ui
+from ..core.config import load_config
+from ..core.errors import UserError
+from ..core.runs import Run
+from .items import load_comparison
+from .store import REVIEWER_RE, ReviewStore, csv_unblinded, write_csv
+
+
+def default_reviewer() -> str:
+    try:
+        name = re.sub(r"[^A-Za-z0-9_.-]", "", getpass.getuser())[:40]
+    except (KeyError, OSError):
+        name = ""
+    return name if REVIEWER_RE.match(name) else "reviewer"
+
+
+def _seed(run: Run) -> int:
+    run_yaml = run.root / "run.yaml"
+    return load_config(run_yaml).config.review.seed if run_yaml.is_file() else 0
+
+
+def rerender_report(run: Run) -> Path:
+    """Write report/ again from metrics.json plus the ratings (no model is run)."""
+    from ..eval import report as eval_report
+
+    out = run.root / "report"
+    path = out / "metrics.json"
+    if not path.is_file():
+        raise UserError(f"run {run.root.name} has no eval yet ({path} is missing)",
+                        hint=f"evaluate it first: `ollama-ft eval {run.root}`")
+    metrics = json.loads(path.read_text(encoding="utf-8"))
+    eval_report.write_report(metrics, run, out)
+    if "## Human review" not in (out / "report.md").read_text(encoding="utf-8"):
+        ui.warn(f"no complete ratings under {run.root / 'review'} yet; the report has no human-review section")
+    return out / "report.md"
+
+
+def review_command(run_ref: str, against: str | None = None, reviewer: str | None = None, port: int = 0,
+                   open_browser: bool = False, export_csv: Path | None = None, report: bool = False) -> None:
+    run = Run.open(run_ref)
+    if report:
+        md = rerender_report(run)
+        ui.success(f"report re-rendered with the ratings: {md}")
+        return
+    comparison = load_comparison(run, Run.open(against) if against else None)
+    if export_csv is not None:
+        write_csv(export_csv, csv_unblinded(comparison))
+        ui.success(f"all reviewers' ratings ({comparison.key}, sides named) -> {export_csv}")
+        return
+    store = ReviewStore(comparison, reviewer or default_reviewer(), seed=_seed(run))
+    from .server import bind, create_app, serve
+
+    token = secrets.token_urlsafe(24)
+    sock = bind(port)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/?token={token}"
+    st = store.page_state()
+    ui.info(f"reviewer {store.reviewer}: {st['done']} of {len(st['items'])} items rated so far "
+            f"({comparison.labels[comparison.sides[1]]} vs {comparison.labels[comparison.sides[0]]}, shown blind as A/B)")
+    if st["stale"]:
+        ui.warn(f"{st['stale']} earlier rating(s) set aside: their answers changed since (eval re-run)")
+    ui.info(f"ratings are saved after every key press to {store.path}")
+    # The URL on stdout, alone on its line, so scripts (and the tests) can read it.
+    print(f"review page: {url}", flush=True)
+    ui.info("open it in a browser on this machine; Ctrl-C stops the server (ratings are already saved)")
+    if open_browser:
+        webbrowser.open(url)
+    try:
+        serve(create_app(store, token), sock)
+    finally:
+        sock.close()
+    sys.stdout.flush()
+    ui.success(f"review stopped; ratings in {store.path}. Report: `ollama-ft review {run.root} --report`")
