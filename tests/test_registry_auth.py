@@ -160,7 +160,7 @@ def test_credential_mistakes_are_clear_and_never_echo_the_password(tmp_path):
         A.resolve_credentials("reg.example", "uma", True, stdin=io.StringIO(""), environ={})
 
 
-def test_a_403_and_a_missing_ca_file_have_their_own_messages(tmp_path):
+def test_a_403_a_refused_token_and_a_bad_ca_file_have_their_own_messages(tmp_path):
     """A registry (or the proxy in front of it) that answers 403 to a write: no push rights."""
     def handler(request: httpx.Request) -> httpx.Response:
         if request.method == "POST":
@@ -173,6 +173,17 @@ def test_a_403_and_a_missing_ca_file_have_their_own_messages(tmp_path):
         push(resolve_source("demo", tmp_path / "src"), Target("reg.example", "team", "demo", "v1", "https"),
              client=client, access=as_alice())
     assert "namespace you may write" in e.value.hint
+    # A token service that issues tokens the registry then refuses: not a password problem.
+    def refuses_tokens(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/token":
+            return httpx.Response(200, json={"token": "t"})
+        return httpx.Response(401, headers={"WWW-Authenticate": 'Bearer realm="https://reg.example/token",'
+                                                                'service="reg",error="invalid_token"'})
+
+    with pytest.raises(UserError, match="refused a fresh token from https://reg.example/token") as e:
+        push(resolve_source("demo", tmp_path / "src"), Target("reg.example", "team", "demo", "v1", "https"),
+             client=httpx.Client(transport=httpx.MockTransport(refuses_tokens)), access=as_alice())
+    assert "clock skew" in e.value.hint
     with pytest.raises(UserError, match="no such file"):
         publish_command("demo", "reg.example/team", store=tmp_path / "src", ca_cert=tmp_path / "none.pem")
     (tmp_path / "bad.pem").write_text("not a certificate")
@@ -253,6 +264,11 @@ def test_read_only_user_cannot_push_and_uploads_nothing_but_can_install(token_re
     assert asked.account == "reader" and asked.scopes == ["repository:team/demo:pull,push"]
     assert asked.granted == ["team/demo:pull"]
 
+    wrong = RegistryAccess(A.Credentials("alice", WRONG, "test"), ca_cert=team_ca.pem)
+    with pytest.raises(UserError, match=f"the token service {token_registry.tokens.url} refused the credentials "
+                                        "of user 'alice'"):
+        push(source, target, access=wrong)
+    assert token_registry.stored_blobs() == []
     push(source, target, access=as_alice(ca_cert=team_ca.pem))  # alice may
     assert set(token_registry.stored_blobs()) == {b.digest[7:] for b in source.blobs} | {sha(source.manifest)[7:]}
     monkeypatch.setattr(sys, "stdin", io.StringIO(READER_PW + "\n"))

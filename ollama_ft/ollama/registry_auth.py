@@ -316,6 +316,12 @@ class RegistryAuth(httpx.Auth):
                 return UserError(f"{by} requires a login to {self._doing()}, and no credentials were found",
                                  hint=LOGIN_HINT)
             return self._denied(by)
+        if c is not None and c.scheme == "bearer" and self.tokens_fetched:
+            # The token service issued a token (so the login was fine) and the registry refused it.
+            return UserError(f"{by} refused a fresh token from {c.params.get('realm')} "
+                             f"({c.params.get('error') or 'no reason given'})",
+                             hint="the registry and its token service disagree (clock skew, or the registry's "
+                                  "auth.token issuer/service/rootcertbundle); ask the registry's admin")
         if c is None and self.credentials is None:
             return UserError(f"{by} asks for authentication in a way ollama-ft does not speak "
                              f"({response.headers.get('www-authenticate') or 'no WWW-Authenticate header'})",
