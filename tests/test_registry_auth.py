@@ -220,6 +220,51 @@ def test_publish_with_good_credentials_then_install_on_a_second_machine(basic_re
     assert Store(other / "models").list_models()[0].display == "demo:v1"
 
 
+def test_password_prompt_on_a_terminal_is_not_echoed(basic_registry, team_ca, tmp_path):
+    """--username without --password-stdin asks on the controlling terminal (getpass), echo off."""
+    import fcntl
+    import pty
+    import select
+    import termios
+
+    make_store_model(tmp_path / "models")
+    master, slave = pty.openpty()
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_FT_REGISTRY", "DOCKER_CONFIG"))}
+    e.update(DOCKER_CONFIG=str(tmp_path / "none"), OLLAMA_FT_CACHE=str(tmp_path / "cache"), COLUMNS="200")
+
+    def controlling_tty() -> None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ollama_ft", "publish", "demo", "--registry", f"{basic_registry.host}/team",
+         "--store", str(tmp_path / "models"), "--username", "alice", "--ca-cert", str(team_ca.pem)],
+        stdin=slave, stdout=slave, stderr=slave, env=e, start_new_session=True, preexec_fn=controlling_tty)
+    os.close(slave)
+    seen, answered = b"", False
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        if not answered and b"password for alice at" in seen:
+            os.write(master, (GOOD + "\n").encode())
+            answered = True
+        if proc.poll() is not None and not ready:
+            break
+    proc.wait(timeout=30)
+    os.close(master)
+    text = seen.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert f"password for alice at {basic_registry.host}: " in text and "published" in text
+    assert GOOD not in text  # no echo
+
+
 def test_wrong_password_no_credentials_and_untrusted_certificate_fail_apart(basic_registry, team_ca, tmp_path):
     home = tmp_path / "home"
     make_store_model(home / "models")
