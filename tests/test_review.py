@@ -168,22 +168,36 @@ def test_no_eval_yet_is_a_clear_error(tmp_path):
         check_reviewer("no/slashes")
 
 
-def test_against_needs_the_same_test_examples(tmp_path):
+def test_against_reviews_the_run_vs_run_eval(tmp_path):
+    """--against OTHER reviews what `eval RUN --against OTHER` wrote (OTHER's tuned model on the base side),
+    in a comparison of its own; without that eval, the error says what to type."""
     from ollama_ft.core.errors import UserError
+    from ollama_ft.eval import human
 
     runs = tmp_path / "runs"
-    r1, r2 = make_run(runs, "r1"), make_run(runs, "r2", answers_from="v2")
+    r1, r2 = make_run(runs, "r1"), make_run(runs, "r2")
+    with pytest.raises(UserError, match="has no eval yet") as e:
+        _store(r1, against=r2)
+    assert f"ollama-ft eval {r1} --against {r2}" in e.value.hint
+    vs = r1 / "report-vs-r2"
+    vs.mkdir()
+    m = json.loads((r1 / "report" / "metrics.json").read_text())
+    for row in m["per_example"]:
+        row["base"]["text"] = row["tuned"]["text"].replace("v1 answer", "v2 answer")
+    m["sides"] = {"base": {"label": "tuned (r2)"}, "tuned": {"label": "tuned (r1)"}}
+    (vs / "metrics.json").write_text(json.dumps(m))
     s = _store(r1, against=r2)
-    assert s.comparison.key == "vs-r2" and s.comparison.sides == ["run:r2", "run:r1"]
-    it = s.items[0]
-    assert "v2 answer" in it.answers["run:r2"] and "v1 answer" in it.answers["run:r1"]
-    r3 = make_run(runs, "r3")
-    (r3 / "data" / "test.jsonl").write_text((r3 / "data" / "test.jsonl").read_text().replace("Tuesday", "Monday"))
-    with pytest.raises(UserError, match="different test examples"):
-        _store(r1, against=r3)
+    assert s.comparison.key == "vs-r2" and s.comparison.labels == {"base": "tuned (r2)", "tuned": "tuned (r1)"}
+    assert s.path == r1 / "review" / "vs-r2" / "alice.json"
+    assert s.report_command == f"ollama-ft review {r1} --against {runs / 'r2'} --report"
+    _fill(r1, "alice", {0, 1, 2}, against=r2)
+    (got,) = [human.gather(r1, m, "vs-r2", {"automatic": 0.4, "human": 0.6}, n_boot=200)]
+    assert got["labels"] == {"base": "tuned (r2)", "tuned": "tuned (r1)"} and got["items"] == 6
+    assert human.gather(r1, m, "base-vs-tuned", {"automatic": 0.4, "human": 0.6}) is None  # kept apart
 
 
 def _fill(run, reviewer, tuned_pref_items, against=None, tuned_side="tuned", base_side="base"):
+    """Rate every item: tuned GOOD and preferred on the item ids in the set, else both POOR and a tie."""
     s = _store(run, reviewer, against=against)
     for n, it in enumerate(s.items):  # n: position in the reviewer's own order; the set names item ids
         if int(it.id.split("-")[1]) in tuned_pref_items:
@@ -204,7 +218,7 @@ def test_statistics_match_scipy_and_krippendorff(tmp_path):
     _fill(run, "alice", {0, 1, 2, 3, 4})
     _fill(run, "bob", {0, 1, 2, 3})
     m = json.loads((run / "report" / "metrics.json").read_text())
-    (s,) = human.gather(run, m, {"automatic": 0.4, "human": 0.6}, n_boot=500)
+    s = human.gather(run, m, "base-vs-tuned", {"automatic": 0.4, "human": 0.6}, n_boot=500)
     assert s["reviewers"] == ["alice", "bob"] and s["items"] == 6 and s["ratings"] == 12
     # per item net vote: items 0-3 both prefer tuned, item 4 alice tuned / bob tie -> tuned, item 5 tie
     p = s["preference"]

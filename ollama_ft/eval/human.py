@@ -4,10 +4,12 @@ Ratings live outside report/ (the eval stage replaces that directory), one file 
 
     runs/<run>/review/<comparison>/<reviewer>.json     comparison: base-vs-tuned | vs-<other run>
 
+(answers from report/metrics.json, or from report-vs-<other run>/metrics.json of `eval --against`).
+
 Each file maps item id -> {"a": side, "b": side, "digest": answers digest, "scores": {"a": {criterion:
 1..5}, "b": {...}}, "preference": "a" | "b" | "tie"}. The A/B -> side mapping is only read here, so the
-page never learns which answer is which. `sides` = [reference, candidate]: the base (or the other run)
-and this run's tuned model; every difference is candidate minus reference.
+page never learns which answer is which. The sides are the eval's: `base` (the base model, or the other
+run's tuned model) and `tuned` (this run's); every difference is tuned minus base.
 
 Statistics (scipy, krippendorff): mean 1-5 score per side and criterion with a bootstrap 95% CI; the
 per-item paired difference (averaged over reviewers) with a bootstrap CI and the Wilcoxon signed-rank
@@ -235,63 +237,49 @@ def per_example_scores(metrics: dict[str, Any], prefix: str) -> dict[str, dict[s
     return out
 
 
-def per_example_digests(metrics: dict[str, Any], other: dict[str, Any] | None,
-                        sides: list[str]) -> dict[str, str]:
-    """item id -> answers_digest of the answers the eval(s) hold now (the same digest the page saved)."""
-    def text(row: dict[str, Any] | None, key: str) -> str | None:
-        g = (row or {}).get(key)
+def per_example_digests(metrics: dict[str, Any]) -> dict[str, str]:
+    """item id -> answers_digest of the answers the eval holds now (the same digest the page saved)."""
+    def text(row: dict[str, Any], key: str) -> str | None:
+        g = row.get(key)
         return g.get("text") if isinstance(g, dict) else g
 
     out = {}
-    others = {str(r.get("id")): r for r in (other or {}).get("per_example") or []}
     for row in metrics.get("per_example") or []:
-        i = str(row.get("id"))
-        if other is None:
-            answers = {sides[0]: text(row, "base"), sides[1]: text(row, "tuned")}
-        else:
-            answers = {sides[0]: text(others.get(i), "tuned"), sides[1]: text(row, "tuned")}
+        answers = {"base": text(row, "base"), "tuned": text(row, "tuned")}
         if all(isinstance(v, str) for v in answers.values()):
-            out[i] = answers_digest(answers)
+            out[str(row.get("id"))] = answers_digest(answers)
     return out
 
 
-def _read_metrics(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+def comparison_key(report_dir: Path) -> str:
+    """report/ -> base-vs-tuned; report-vs-OTHER/ (`eval RUN --against OTHER`) -> vs-OTHER."""
+    name = Path(report_dir).name
+    return f"vs-{name[len('report-vs-'):]}" if name.startswith("report-vs-") else BASE_COMPARISON
+
+
+def gather(run_root: Path, metrics: dict[str, Any], comparison: str, weights: dict[str, float],
+           n_boot: int = 2000, seed: int = 0) -> dict[str, Any] | None:
+    """The summary of one comparison's complete ratings, with labels and the stale count; None without any.
+
+    The sides are the eval's: `base` (the base model, or OTHER's tuned model in run vs run) and `tuned`.
+    """
+    docs = read_reviews(run_root).get(comparison) or []
+    sides = ["base", "tuned"]
+    digests = per_example_digests(metrics)
+    rows, stale = [], 0
+    for d in docs:
+        r, s = unblind(d, digests)
+        rows += r
+        stale += s
+    if not rows:
         return None
-
-
-def gather(run_root: Path, metrics: dict[str, Any], weights: dict[str, float], n_boot: int = 2000,
-           seed: int = 0) -> list[dict[str, Any]]:
-    """One summary per comparison that has complete ratings, with labels and the stale count."""
-    out = []
-    for comparison, docs in read_reviews(run_root).items():
-        sides = list(docs[0].get("sides") or [])
-        labels = docs[0].get("labels") or {}
-        if len(sides) != 2:
-            continue
-        other = None
-        if comparison != BASE_COMPARISON:
-            other = _read_metrics(Path(docs[0].get("other_run") or "") / "report" / "metrics.json")
-            if other is None:
-                continue  # the other run's eval is gone: its answers (and automatic scores) are unknown
-        digests = per_example_digests(metrics, other, sides)
-        rows, stale = [], 0
-        for d in docs:
-            r, s = unblind(d, digests)
-            rows += r
-            stale += s
-        if not rows:
-            continue
-        auto = ({sides[0]: per_example_scores(metrics, "base"), sides[1]: per_example_scores(metrics, "tuned")}
-                if other is None else
-                {sides[0]: per_example_scores(other, "tuned"), sides[1]: per_example_scores(metrics, "tuned")})
-        summary = summarise(rows, sides, auto, weights, n_boot=n_boot, seed=seed)
-        summary.update(comparison=comparison, labels={s: labels.get(s, s) for s in sides}, stale=stale,
-                       items_available=len(digests))
-        out.append(summary)
-    return out
+    auto = {s: per_example_scores(metrics, s) for s in sides}
+    summary = summarise(rows, sides, auto, weights, n_boot=n_boot, seed=seed)
+    labels = {**(docs[0].get("labels") or {}),
+              **{k: v["label"] for k, v in (metrics.get("sides") or {}).items() if isinstance(v, dict) and v.get("label")}}
+    summary.update(comparison=comparison, labels={s: labels.get(s, s) for s in sides}, stale=stale,
+                   items_available=len(digests))
+    return summary
 
 
 def _f(v: Any, nd: int = 2) -> str:
@@ -378,7 +366,9 @@ def report_section(run_root: Path, metrics: dict[str, Any], out: Path | None,
             weights, n_boot, seed = rv.combined_weights.model_dump(), rv.bootstrap_samples, rv.seed
         except UserError:
             pass  # the eval itself already validated the config; a later edit falls back to the defaults
-    summaries = gather(Path(run_root), metrics, weights, n_boot=n_boot, seed=seed)
+    out_dir = Path(out) if out is not None else Path(run_root) / "report"
+    summary = gather(Path(run_root), metrics, comparison_key(out_dir), weights, n_boot=n_boot, seed=seed)
+    summaries = [summary] if summary else []
     if out is not None and summaries:
         from ..core.runs import atomic_write_text
 

@@ -31,15 +31,15 @@ def _seed(run: Run) -> int:
     return load_config(run_yaml).config.review.seed if run_yaml.is_file() else 0
 
 
-def rerender_report(run: Run) -> Path:
-    """Write report/ again from metrics.json plus the ratings (no model is run)."""
+def rerender_report(run: Run, against: Run | None = None) -> Path:
+    """Write the eval report again from its metrics.json plus the ratings (no model is run)."""
     from ..eval import report as eval_report
 
-    out = run.root / "report"
+    out = run.root / ("report" if against is None else f"report-vs-{against.root.name}")
     path = out / "metrics.json"
     if not path.is_file():
-        raise UserError(f"run {run.root.name} has no eval yet ({path} is missing)",
-                        hint=f"evaluate it first: `ollama-ft eval {run.root}`")
+        how = f"ollama-ft eval {run.root}" + (f" --against {against.root}" if against is not None else "")
+        raise UserError(f"run {run.root.name} has no eval yet ({path} is missing)", hint=f"evaluate it first: `{how}`")
     metrics = json.loads(path.read_text(encoding="utf-8"))
     eval_report.write_report(metrics, run, out)
     if "## Human review" not in (out / "report.md").read_text(encoding="utf-8"):
@@ -50,11 +50,12 @@ def rerender_report(run: Run) -> Path:
 def review_command(run_ref: str, against: str | None = None, reviewer: str | None = None, port: int = 0,
                    open_browser: bool = False, export_csv: Path | None = None, report: bool = False) -> None:
     run = Run.open(run_ref)
+    other = Run.open(against) if against else None
     if report:
-        md = rerender_report(run)
+        md = rerender_report(run, other)
         ui.success(f"report re-rendered with the ratings: {md}")
         return
-    comparison = load_comparison(run, Run.open(against) if against else None)
+    comparison = load_comparison(run, other)
     if export_csv is not None:
         write_csv(export_csv, csv_unblinded(comparison))
         ui.success(f"all reviewers' ratings ({comparison.key}, sides named) -> {export_csv}")
@@ -81,4 +82,4 @@ def review_command(run_ref: str, against: str | None = None, reviewer: str | Non
     finally:
         sock.close()
     sys.stdout.flush()
-    ui.success(f"review stopped; ratings in {store.path}. Report: `ollama-ft review {run.root} --report`")
+    ui.success(f"review stopped; ratings in {store.path}. Report: `{store.report_command}`")

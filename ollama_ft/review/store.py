@@ -67,8 +67,7 @@ class ReviewStore:
         if not self.path.is_file():
             return {"format": FORMAT, "run": self.comparison.run.root.name, "comparison": self.comparison.key,
                     "reviewer": self.reviewer, "sides": self.comparison.sides, "labels": self.comparison.labels,
-                    "other_run": str(self.comparison.other_run) if self.comparison.other_run else None,
-                    "split_digest": self.comparison.split_digest, "seed": self.seed, "criteria": list(CRITERIA),
+                    "report": str(self.comparison.report_dir), "seed": self.seed, "criteria": list(CRITERIA),
                     "items": {}}
         try:
             doc = json.loads(self.path.read_text(encoding="utf-8"))
@@ -102,7 +101,14 @@ class ReviewStore:
         first_open = next((x["n"] for x in out if not x["complete"]), max(0, len(out) - 1))
         return {"reviewer": self.reviewer, "criteria": list(CRITERIA), "items": out, "start": first_open,
                 "done": sum(x["complete"] for x in out), "stale": self.stale,
-                "report_command": f"ollama-ft review {self.comparison.run.root} --report"}
+                "report_command": self.report_command}
+
+    @property
+    def report_command(self) -> str:
+        """What to type to see the unblinded results of this comparison."""
+        c = self.comparison
+        other = f" --against {c.run.root.parent / c.key[3:]}" if c.key.startswith("vs-") else ""
+        return f"ollama-ft review {c.run.root}{other} --report"
 
     def rate(self, n: Any, scores: Any, preference: Any) -> dict[str, Any]:
         """Validate and save the rating of item number `n` (partial ratings are kept too)."""
