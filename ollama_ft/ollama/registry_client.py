@@ -272,7 +272,8 @@ class RegistryClient:
         tls = "ssl" in text.lower() or "tls" in text.lower()
         return UserError(
             f"cannot reach the registry at {self.base_url} ({method} {url}): {e}",
-            hint=("the registry may speak plain HTTP: add --insecure" if tls else
+            hint=(f"the registry may speak plain HTTP: write http://{host}/... (with --insecure unless it is "
+                  "loopback) and drop --ca-cert" if tls else
                   "is it running? start one with `docker-registry serve CONFIG.yml` or "
                   "`docker run -p 5000:5000 registry:2`, and check --registry HOST:PORT"))
 
