@@ -309,3 +309,15 @@ def test_inspect_shows_the_replay_mix(tmp_path, tiny_llama, capsys):
     text = capsys.readouterr()
     text = text.out + text.err
     assert "replay:" in text and "general_chat.jsonl" in text and "near-duplicates" in text
+
+
+def test_perplexity_pass_that_cannot_fit_stops_before_loading(tmp_path, tiny_llama, monkeypatch):
+    import psutil
+
+    monkeypatch.setenv("OLLAMA_FT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 1024})())
+    src = _write(tmp_path / "d.jsonl", _domain(4))
+    with pytest.raises(UserError, match="scoring needs about") as e:
+        build_data(_cfg(src, "data.quality.perplexity_outliers.action=flag", "model.compute_dtype=float32"),
+                   tiny_llama, tmp_path / "data")
+    assert "batch_size" in e.value.hint

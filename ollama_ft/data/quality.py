@@ -79,6 +79,7 @@ def score(base_dir: Path, examples: list[tuple[list[int], list[int]]], compute_d
     todo = [k for k, key in enumerate(keys) if key not in cache]
     info = {"device": device, "dtype": dt.name, "scored": len(todo), "cached": len(keys) - len(todo)}
     if todo:
+        info["memory_bytes"] = _check_memory(Path(base_dir), dt, device, batch_size)
         model = _load_model(base_dir, dt.torch_dtype, device)
         with ui.progress_steps() as prog:
             task = prog.add_task("data: answer perplexity under the base model", total=len(todo))
@@ -91,6 +92,28 @@ def score(base_dir: Path, examples: list[tuple[list[int], list[int]]], compute_d
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cache_path, json.dumps(cache))
     return [cache[k] for k in keys], info
+
+
+def _check_memory(base_dir: Path, dt, device: str, batch_size: int) -> int:
+    """Stop before loading a base that cannot fit: the weights unquantized in the compute dtype plus
+    the logits of a batch's answer positions (at most batch_size x 1024 rows of the vocabulary)."""
+    import psutil
+    import torch
+
+    from ..core.errors import UserError
+    from ..core.hf_dir import read_json, safetensors_summary
+
+    params = safetensors_summary(base_dir)["parameters"]
+    conf = read_json(base_dir / "config.json")
+    vocab = int(conf.get("vocab_size") or (conf.get("text_config") or {}).get("vocab_size") or 0)
+    need = int(params * torch.empty(0, dtype=dt.torch_dtype).element_size() * 1.2 + batch_size * 1024 * vocab * 4)
+    free = torch.cuda.mem_get_info()[0] if device == "cuda" else psutil.virtual_memory().available
+    if need > free:
+        raise UserError(f"data.quality.perplexity_outliers: scoring needs about {need / 2**30:.1f} GiB "
+                        f"({params / 1e9:.2f}B parameters in {dt.name}) but {free / 2**30:.1f} GiB is free on {device}",
+                        hint="lower data.quality.perplexity_outliers.batch_size, set model.compute_dtype=bfloat16, "
+                        "or run the data stage on a machine with more memory")
+    return need
 
 
 def _load_model(base_dir: Path, dtype, device: str):

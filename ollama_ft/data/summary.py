@@ -110,7 +110,9 @@ def print_findings(stats: dict, show: int = 5) -> None:
             ui.info(f"  {f['source']} ~ {f['similar_to']} (similarity {f['similarity']})")
     q = stats.get("quality")
     if q:
-        ui.info(f"answer perplexity under the base ({q['dtype']}, {q['scored']} scored, {q['cached']} cached): "
+        mem = f", ~{q['memory_bytes'] / 2**30:.1f} GiB" if q.get("memory_bytes") else ""
+        ui.info(f"answer perplexity under the base ({q['dtype']} on {q['device']}{mem}, {q['scored']} scored, "
+                f"{q['cached']} cached): "
                 f"median {q['median_ppl']}; {q['flagged']} outlier(s) beyond z={q['threshold']} ({q['side']}), "
                 f"{q['dropped']} dropped")
         for f in q["first"][:show]:

@@ -1,0 +1,186 @@
+"""The replay trade-off on the demo: general-text perplexity (the forgetting check) and the domain
+metrics with `data.replay.ratio` 0, 0.25 and 0.5, one run at a time.
+
+  .venv/bin/python bench/replay_tradeoff.py [--ratios 0 0.25 0.5] [--config configs/demo.yaml]
+
+Each ratio is a run `replay-<pct>` of `ollama-ft train CONFIG --set data.replay.ratio=R --until eval`
+(no Ollama server needed); finished stages are reused when re-run, and the base model's eval GGUF is
+copied from an earlier run's cache when one has it. The forgetting check is the eval stage's
+(`metrics.json` "general"); for a run whose report has none, this script scores the same general
+text itself through `ollama_ft.eval.general`. Ratio 0 is the baseline: every other row is also
+shown as a ratio to it. Writes bench/out/replay_tradeoff.{json,md} and docs/replay_tradeoff.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} threads"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} threads"
+
+
+def run_name(ratio: float) -> str:
+    return f"replay-{round(ratio * 100):02d}"
+
+
+def reuse_base_gguf(runs: Path, name: str) -> None:
+    """The eval stage converts the base to GGUF once per run (runs/<run>/cache): copy an earlier one."""
+    dst = runs / name / "cache"
+    if dst.exists():
+        return
+    for src in sorted(runs.glob("*/cache")):
+        if any(src.glob("base-*.gguf")):
+            dst.mkdir(parents=True)
+            for f in src.glob("base-*"):
+                shutil.copy2(f, dst / f.name)
+            return
+
+
+def general_fallback(run: Path, cfg) -> dict | None:
+    """The forgetting check through eval/general.py, for a report written before it existed."""
+    try:
+        from ollama_ft.eval import general as eg
+    except ImportError:
+        return None
+    quant = cfg.ollama.quant
+    base = next(iter((run / "cache").glob(f"base-{quant}.gguf")), None)
+    tuned = next(iter((run / "gguf").glob(f"*-{quant}.gguf")), None)
+    if base is None or tuned is None:
+        return None
+    texts = eg.load_texts(eg.general_path(cfg.eval.general_data))
+    template = (run / "data" / "chat_template.jinja").read_text()
+    scores = [eg.score(g, texts, template, threads=cfg.eval.threads, seed=cfg.eval.seed) for g in (base, tuned)]
+    return eg.check(scores[0], scores[1], max_increase=None, n_boot=cfg.eval.bootstrap_samples, seed=cfg.eval.seed)
+
+
+def measure(config: Path, ratio: float, runs: Path) -> dict:
+    from ollama_ft.core.config import load_config
+
+    name = run_name(ratio)
+    sets = [f"name={name}", f"runs_dir={runs}", f"data.replay.ratio={ratio}", f"ollama.name=ollama-ft-{name}"]
+    reuse_base_gguf(runs, name)
+    env = {**os.environ, "OLLAMA_HOST": os.environ.get("OLLAMA_HOST", "http://127.0.0.1:9")}
+    t = time.time()
+    cmd = [sys.executable, "-m", "ollama_ft", "train", str(config), "--until", "eval"]
+    for s in sets:
+        cmd += ["--set", s]
+    rc = subprocess.call(cmd, cwd=ROOT, env=env)
+    wall = time.time() - t
+    if rc != 0:
+        raise SystemExit(f"{name}: ollama-ft train exited {rc}")
+    run = runs / name
+    m = json.loads((run / "report" / "metrics.json").read_text())
+    stats = json.loads((run / "data" / "stats.json").read_text())
+    manifest = json.loads((run / "manifest.json").read_text())
+    gen = m.get("general")
+    source = "eval stage"
+    if not gen:
+        gen, source = general_fallback(run, load_config(config, sets).config), "bench (eval/general.py)"
+    tuned, base = m["tuned"]["corpus"], m["base"]["corpus"]
+    return {
+        "ratio": ratio, "run": name, "wall_s": round(wall, 1),
+        "train_s": manifest["stages"].get("train", {}).get("seconds"),
+        "train_examples": stats["counts"]["train"],
+        "replay_examples": stats.get("replay", {}).get("used", 0),
+        "replay_share": stats.get("replay", {}).get("share", 0.0),
+        "domain": {k: tuned.get(k) for k in ("rouge_l", "chrf", "bleu", "perplexity", "stop_at_eot")},
+        "domain_base": {k: base.get(k) for k in ("rouge_l", "chrf", "bleu", "perplexity")},
+        "general": ({"base_ppl": gen.get("base_perplexity"), "tuned_ppl": gen.get("tuned_perplexity"),
+                     "source": source} if gen else None),
+    }
+
+
+def table(rows: list[dict], cpu: str, commit: str, config: str) -> str:
+    b = rows[0]
+    out = [f"Replay trade-off on `{Path(config).relative_to(ROOT).as_posix() if Path(config).is_absolute() else config}` (commit {commit}), {cpu}. "
+           f"Baseline: replay {b['ratio']} in the same bench run; (x) = ratio to it.", "",
+           "| replay ratio | train examples (replay) | general-text ppl (base -> tuned) | domain test ppl | "
+           "ROUGE-L | chrF | train s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        g = r["general"]
+        gtxt = f"{g['base_ppl']:.2f} -> {g['tuned_ppl']:.2f} ({g['tuned_ppl'] / b['general']['tuned_ppl']:.3f}x)" \
+            if g and b["general"] else "n/a"
+        d, bd = r["domain"], b["domain"]
+        out.append(f"| {r['ratio']} | {r['train_examples']} ({r['replay_examples']}) | {gtxt} | "
+                   f"{d['perplexity']:.2f} ({d['perplexity'] / bd['perplexity']:.2f}x) | "
+                   f"{d['rouge_l']:.3f} ({d['rouge_l'] / bd['rouge_l']:.2f}x) | {d['chrf']:.1f} "
+                   f"({d['chrf'] / bd['chrf']:.2f}x) | {r['train_s']:.0f} |")
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: list[dict], path: Path, cpu: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["ratio"] for r in rows]
+    fig, ax1 = plt.subplots(figsize=(6.4, 4))
+    if all(r["general"] for r in rows):
+        ax1.plot(x, [r["general"]["tuned_ppl"] for r in rows], "o-", color="tab:blue", label="general-text ppl (tuned)")
+        ax1.axhline(rows[0]["general"]["base_ppl"], color="tab:blue", ls=":", label="general-text ppl (base)")
+    ax1.plot(x, [r["domain"]["perplexity"] for r in rows], "s-", color="tab:orange", label="domain test ppl (tuned)")
+    ax1.set_xlabel("data.replay.ratio (share of training examples that are general chat)")
+    ax1.set_ylabel("perplexity (lower is better)")
+    ax2 = ax1.twinx()
+    ax2.plot(x, [r["domain"]["rouge_l"] for r in rows], "^--", color="tab:green", label="domain ROUGE-L")
+    ax2.set_ylabel("ROUGE-L (higher is better)")
+    h1, l1 = ax1.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax1.legend(h1 + h2, l1 + l2, fontsize=8, loc="best")
+    ax1.set_title(f"Replay trade-off, demo ({cpu})", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.25, 0.5])
+    ap.add_argument("--runs-dir", default=str(ROOT / "runs"))
+    ap.add_argument("--png", default=str(ROOT / "docs" / "replay_tradeoff.png"))
+    args = ap.parse_args()
+    runs = Path(args.runs_dir).resolve()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "?"
+    cpu = cpu_name()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "configs/demo.yaml", "ollama_ft/data_files",
+                            "ollama_ft/eval", "ollama_ft/train", "ollama_ft/data"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.split("\n")
+    dirty = [line[3:] for line in dirty if line.strip()]
+    if dirty:  # other work in the shared tree: say the figures include it
+        commit += " + uncommitted " + ", ".join(dirty)
+    rows = []
+    for r in args.ratios:  # one at a time: the CPU is shared
+        rows.append(measure(Path(args.config), r, runs))
+        print(json.dumps(rows[-1]), flush=True)
+    out = ROOT / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    md = table(rows, cpu, commit, args.config)
+    (out / "replay_tradeoff.json").write_text(json.dumps({"cpu": cpu, "commit": commit, "rows": rows}, indent=2))
+    (out / "replay_tradeoff.md").write_text(md)
+    plot(rows, Path(args.png), cpu)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
