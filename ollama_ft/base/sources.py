@@ -627,58 +627,34 @@ def _gguf_sha256(r: Resolved, path: Path) -> str:
         return sha256_file(path)
 
 
-_GGUF_INFO_CACHE: dict[tuple[str, int, int], dict[str, Any]] = {}
-
-
 def gguf_info(path: Path) -> dict[str, Any]:
-    """What pull needs from a GGUF, read once per file and process (the reader walks the whole
-    vocabulary, ~10 s for a 262k-token GGUF on these machines).
+    """What pull needs from a GGUF (core/gguf_meta: 0.06 s for a 262k-token GGUF).
 
     {architecture, file_type, parameter_count, chat_template, license, save_dtype}: save_dtype is
     what "auto" dequantizes to: F32/F16/BF16 GGUFs keep their precision, quantized ones become
     bfloat16 (the dtype most checkpoints are published in).
     """
-    st = os.stat(path)
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key in _GGUF_INFO_CACHE:
-        return _GGUF_INFO_CACHE[key]
-    from gguf import GGUFReader, GGUFValueType
-
-    from ..ollama.store import FILE_TYPES
+    from ..core.gguf_meta import GGUFDamaged, read_gguf_meta
 
     with ui.status(f"reading GGUF metadata of {Path(path).name}"):
         try:
-            reader = GGUFReader(str(path), "r")
-        except Exception as e:  # the reader raises ValueError/IndexError/... for a truncated or damaged file
-            raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})",
+            meta = read_gguf_meta(path)
+        except GGUFDamaged as e:
+            raise UserError(f"{path}: not a readable GGUF file ({e})",
                             hint="the file is truncated or damaged: download or export it again") from None
-
-    def scalar(name: str) -> Any:
-        f = reader.fields.get(name)
-        if f is None or not f.data:
-            return None
-        part = f.parts[f.data[0]]
-        if f.types and f.types[0] == GGUFValueType.STRING:
-            return bytes(part).decode("utf-8", errors="replace")
-        return part.tolist()[0] if len(part) else None
-
-    params, by_type = 0, {}
-    for t in reader.tensors:
-        n = int(t.n_elements)
-        params += n
+    by_type: dict[str, int] = {}
+    for t in meta.tensors:
         if len(t.shape) >= 2:
-            by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0) + n
+            by_type[t.type_name] = by_type.get(t.type_name, 0) + t.n_elements
     main = max(by_type, key=by_type.get) if by_type else "F32"
-    ft = scalar("general.file_type")
     info = {
-        "architecture": scalar("general.architecture") or "unknown",
-        "file_type": FILE_TYPES.get(int(ft), "unknown") if ft is not None else main,
-        "parameter_count": params,
-        "chat_template": scalar("tokenizer.chat_template"),
-        "license": scalar("general.license"),
+        "architecture": meta.get("general.architecture") or "unknown",
+        "file_type": meta.file_type if meta.get("general.file_type") is not None else main,
+        "parameter_count": meta.parameter_count,
+        "chat_template": meta.get("tokenizer.chat_template"),
+        "license": meta.get("general.license"),
         "save_dtype": {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(main, "bfloat16"),
     }
-    _GGUF_INFO_CACHE[key] = info
     return info
 
 

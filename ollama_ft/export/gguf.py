@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -173,91 +172,6 @@ def _run_worker(script: str, args: list[str], what: str, timeout: float = 3600,
 # Structural verification (usable on any GGUF; registration calls it)
 
 
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-class _Truncated(Exception):
-    pass
-
-
-def read_gguf_index(path: str | Path) -> dict[str, Any]:
-    """Header, metadata (scalars, strings, and small arrays) and tensor index of a GGUF, in one pass.
-
-    Much faster than gguf.GGUFReader on large vocabularies: big arrays (262k tokens) are skipped, not
-    materialised. Raises _Truncated / ValueError on a damaged file.
-    """
-    import mmap
-
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        size = len(mm)
-        pos = 0
-
-        def take(n: int) -> bytes:
-            nonlocal pos
-            if pos + n > size:
-                raise _Truncated(f"needs byte {pos + n}, file has {size}")
-            b = mm[pos:pos + n]
-            pos += n
-            return b
-
-        def unpack(fmt: str):
-            return struct.unpack(fmt, take(struct.calcsize(fmt)))[0]
-
-        def string() -> str:
-            n = unpack("<Q")
-            if n > size:
-                raise ValueError(f"string length {n} larger than the file")
-            return take(n).decode("utf-8", "replace")
-
-        def value(vtype: int, keep: bool = True):
-            nonlocal pos
-            if vtype in _SCALAR:
-                return unpack(_SCALAR[vtype])
-            if vtype == 8:
-                return string()
-            if vtype == 9:
-                etype, count = unpack("<I"), unpack("<Q")
-                if etype in _SCALAR:
-                    width = struct.calcsize(_SCALAR[etype])
-                    if count * width > size:
-                        raise ValueError(f"array of {count} items larger than the file")
-                    if keep and count <= 64:
-                        return list(struct.unpack(f"<{count}{_SCALAR[etype][1]}", take(count * width)))
-                    take(count * width)
-                    return {"array_of": etype, "count": count}
-                if etype == 8 and not (keep and count <= 64):
-                    # skip a big string array (a 262k-token vocabulary) without decoding it
-                    for _ in range(count):
-                        if pos + 8 > size:
-                            raise _Truncated(f"needs byte {pos + 8}, file has {size}")
-                        pos += 8 + struct.unpack_from("<Q", mm, pos)[0]
-                    if pos > size:
-                        raise _Truncated(f"needs byte {pos}, file has {size}")
-                    return {"array_of": etype, "count": count}
-                items = [value(etype, keep and count <= 64) for _ in range(count)]
-                return items if keep and count <= 64 else {"array_of": etype, "count": count}
-            raise ValueError(f"unknown GGUF value type {vtype}")
-
-        if take(4) != b"GGUF":
-            raise ValueError("bad magic")
-        version = unpack("<I")
-        n_tensors, n_kv = unpack("<Q"), unpack("<Q")
-        if n_tensors > size or n_kv > size:
-            raise ValueError(f"implausible counts (tensors {n_tensors}, keys {n_kv})")
-        fields: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = string()
-            fields[key] = value(unpack("<I"))
-        tensors = []
-        for _ in range(n_tensors):
-            name = string()
-            dims = [unpack("<Q") for _ in range(unpack("<I"))]
-            tensors.append((name, dims, unpack("<I"), unpack("<Q")))
-        align = int(fields.get("general.alignment", 32) or 32)
-        data_start = (pos + align - 1) // align * align
-    return {"version": version, "fields": fields, "tensors": tensors, "data_start": data_start, "size": size}
-
-
 def verify_gguf_file(path: str | Path, load: bool = True) -> dict[str, Any]:
     """Check that a GGUF file is whole and sane; raise UserError if it is truncated or corrupted.
 
@@ -266,7 +180,7 @@ def verify_gguf_file(path: str | Path, load: bool = True) -> dict[str, Any]:
     tensor-data validation, in a subprocess. Returns a summary dict: {path, bytes, architecture, type,
     name, tensors, file_type, chat_template, lineage, tokenizer_model, tokenizer_pre, n_params?, n_vocab?}.
     """
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from ..core.gguf_meta import GGUFDamaged, read_gguf_meta
 
     path = Path(path)
     if not path.is_file():
@@ -278,25 +192,14 @@ def verify_gguf_file(path: str | Path, load: bool = True) -> dict[str, Any]:
     if magic != b"GGUF":
         raise UserError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')", hint=hint)
     try:
-        idx = read_gguf_index(path)
-    except (_Truncated, ValueError, UnicodeDecodeError) as e:
+        meta = read_gguf_meta(path)
+    except GGUFDamaged as e:
         raise UserError(f"{path}: GGUF header or metadata is corrupted or truncated ({e})", hint=hint) from None
-    problems: list[str] = []
-    for name, dims, ttype, off in idx["tensors"]:
-        try:
-            block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
-        except (ValueError, KeyError):
-            problems.append(f"tensor {name}: unknown type {ttype}")
-            continue
-        n = 1
-        for d in dims:
-            n *= d
-        stop = idx["data_start"] + off + n // block * nbytes
-        if stop > size:
-            problems.append(f"tensor {name} ends at byte {stop} but the file has {size}")
-    if not idx["tensors"]:
+    problems = [f"tensor {t.name} ends at byte {t.data_offset + t.n_bytes} but the file has {size}"
+                for t in meta.tensors if t.data_offset + t.n_bytes > size]
+    if not meta.tensors:
         problems.append("no tensors")
-    fields = idx["fields"]
+    fields = meta.fields
     arch = fields.get("general.architecture")
     gtype = fields.get("general.type") or "model"
     if not arch:
@@ -309,11 +212,11 @@ def verify_gguf_file(path: str | Path, load: bool = True) -> dict[str, Any]:
         raise UserError(f"{path}: GGUF is corrupted or truncated", hint=hint, details=problems[:10])
     info: dict[str, Any] = {
         "path": str(path), "bytes": size, "architecture": arch, "type": gtype,
-        "name": fields.get("general.name"), "tensors": len(idx["tensors"]), "file_type": fields.get("general.file_type"),
+        "name": fields.get("general.name"), "tensors": len(meta.tensors), "file_type": fields.get("general.file_type"),
         "chat_template": fields.get("tokenizer.chat_template"), "tokenizer_model": fields.get("tokenizer.ggml.model"),
         "tokenizer_pre": fields.get("tokenizer.ggml.pre"),
-        "lineage": {k: v for k, v in fields.items() if k.startswith(("general.base_model.", "general.dataset.",
-                                                                    "general.finetune"))},
+        "lineage": {k: v for k, v in fields.items() if isinstance(v, str | int | float | list) and k.startswith(
+            ("general.base_model.", "general.dataset.", "general.finetune"))},
     }
     if gtype == "adapter":
         info["adapter"] = {k: v for k, v in fields.items() if k.startswith("adapter.")}

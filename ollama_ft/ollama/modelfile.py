@@ -524,57 +524,15 @@ def load_run_tokenizer(run):
                     hint="run the pull and merge stages first")
 
 
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
 def gguf_metadata(gguf_path: Path, keys: set[str]) -> dict[str, Any]:
-    """Scalar and string values of the wanted GGUF metadata keys, read straight from the header.
-    (gguf.GGUFReader decodes every token of the vocabulary first, which takes a minute on 256k vocabularies.)"""
-    import struct
+    """The wanted GGUF metadata keys that the file has (core/gguf_meta reads them)."""
+    from ..core.gguf_meta import GGUFDamaged, read_gguf_meta
 
-    want, found = set(keys), {}
     try:
-        with open(gguf_path, "rb") as f:
-            def read(fmt: str):
-                n = struct.calcsize(fmt)
-                b = f.read(n)
-                if len(b) != n:
-                    raise ValueError("truncated header")
-                return struct.unpack(fmt, b)[0]
-
-            def read_str() -> bytes:
-                return f.read(read("<Q"))
-
-            if f.read(4) != b"GGUF" or read("<I") < 2:
-                raise ValueError("not a GGUF v2+ file")
-            read("<Q")  # tensor count
-            for _ in range(read("<Q")):
-                key = read_str().decode("utf-8", "replace")
-                vtype = read("<I")
-                if vtype == 8:
-                    raw = read_str()
-                    if key in want:
-                        found[key] = raw.decode("utf-8", "replace")
-                elif vtype == 9:
-                    etype, count = read("<I"), read("<Q")
-                    if etype == 8:
-                        for _ in range(count):
-                            f.seek(read("<Q"), 1)
-                    elif etype in _GGUF_SCALARS:
-                        f.seek(struct.calcsize(_GGUF_SCALARS[etype]) * count, 1)
-                    else:
-                        raise ValueError(f"nested array in {key}")
-                elif vtype in _GGUF_SCALARS:
-                    v = read(_GGUF_SCALARS[vtype])
-                    if key in want:
-                        found[key] = v
-                else:
-                    raise ValueError(f"unknown value type {vtype} for {key}")
-                if want <= found.keys():
-                    break
-    except (OSError, ValueError, struct.error, OverflowError) as e:
+        meta = read_gguf_meta(gguf_path)
+    except (GGUFDamaged, OSError) as e:
         raise UserError(f"{gguf_path} is not a readable GGUF file: {e}", hint="re-run the export stage") from None
-    return found
+    return {k: meta.fields[k] for k in keys if k in meta.fields}
 
 
 def gguf_add_bos(gguf_path: Path) -> bool | None:

@@ -157,15 +157,20 @@ def build_config_blob(model_format: str = "gguf", model_family: str = "unknown",
     return go_json(cfg)
 
 
-# GGUF general.file_type -> the name Ollama shows (fs/ggml FileType). 0 (F32) reads as "unknown"
-# in Ollama because it is also the zero value (§7.1).
-FILE_TYPES = {
-    0: "unknown", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
-    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M",
-    18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S",
-    25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M",
-    32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4",
-}
+# Where Ollama's name for a GGUF general.file_type (fs/ggml FileType) differs from llama.cpp's
+# (gguf.LlamaFileType, core/gguf_meta.file_type_name): 0 (F32) reads as "unknown" in Ollama because it
+# is also the zero value (§7.1), and 38 is Ollama's MXFP4.
+_OLLAMA_FILE_TYPES = {0: "unknown", 38: "MXFP4"}
+
+
+def ollama_file_type(ft: int | None) -> str:
+    """The file type name Ollama shows for a GGUF general.file_type."""
+    from ..core.gguf_meta import file_type_name
+
+    if ft is None:
+        return "unknown"
+    return _OLLAMA_FILE_TYPES.get(int(ft)) or file_type_name(int(ft))
+
 
 GGUF_MAGIC = b"GGUF"
 
@@ -183,39 +188,23 @@ def gguf_facts(path: Path | str) -> dict[str, Any]:
 
     Returns {architecture, file_type, parameter_count, parameter_size, general_type,
     context_length, embedding_length, chat_template, kv}. `kv` holds scalar/short-array metadata
-    for `/api/show`'s model_info.
+    for `/api/show`'s model_info (arrays of more than 5 items as [], as Ollama shows them).
     """
-    from gguf import GGUFReader, GGUFValueType
+    from ..core.gguf_meta import BigArray, GGUFDamaged, read_gguf_meta
 
     try:
-        r = GGUFReader(str(path), "r")
-    except Exception as e:  # the reader raises ValueError/IndexError/... for a truncated or damaged file
-        raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})",
+        meta = read_gguf_meta(path)
+    except (GGUFDamaged, OSError) as e:
+        raise UserError(f"{path}: not a readable GGUF file ({e})",
                         hint="the file is truncated or damaged: export or download it again") from None
-    kv: dict[str, Any] = {}
-    for f in r.fields.values():
-        if f.name.startswith("GGUF."):
-            continue
-        try:
-            if f.types and f.types[0] == GGUFValueType.ARRAY:
-                n = len(f.data)
-                kv[f.name] = [] if n > 5 else [_field_value(f, i) for i in range(n)]
-            else:
-                kv[f.name] = _field_value(f, 0)
-        except Exception:  # an exotic value type: leave it out, as a reader would skip it
-            continue
+    kv = {k: [] if isinstance(v, BigArray) or (isinstance(v, list) and len(v) > 5) else v
+          for k, v in meta.fields.items()}
     arch = str(kv.get("general.architecture") or "unknown")
-    params = 0
-    for t in r.tensors:
-        n = 1
-        for d in t.shape:
-            n *= int(d)
-        params += n
-    ft = kv.get("general.file_type")
+    params = meta.parameter_count
     return {
         "architecture": arch,
         "general_type": kv.get("general.type", ""),
-        "file_type": FILE_TYPES.get(int(ft), "unknown") if ft is not None else "unknown",
+        "file_type": ollama_file_type(meta.get("general.file_type")),
         "parameter_count": params,
         "parameter_size": human_number(params),
         "context_length": kv.get(f"{arch}.context_length"),
@@ -223,18 +212,6 @@ def gguf_facts(path: Path | str) -> dict[str, Any]:
         "chat_template": kv.get("tokenizer.chat_template"),
         "kv": kv,
     }
-
-
-def _field_value(f: Any, i: int) -> Any:
-    from gguf import GGUFValueType
-
-    part = f.parts[f.data[i]]
-    vtype = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else f.types[0]
-    if vtype == GGUFValueType.STRING:
-        return bytes(part).decode("utf-8", errors="replace")
-    v = part.tolist()
-    v = v[0] if isinstance(v, list) and len(v) == 1 else v
-    return bool(v) if vtype == GGUFValueType.BOOL else v
 
 
 # -------------------------------------------------------------------------------------------
