@@ -31,7 +31,8 @@ def callback_classes():
             self.best_dir = Path(best_dir)
             self.patience = patience
             self.min_delta = min_delta
-            self.model = None
+            self.save = None  # save(dir): writes the adapter (set by the stage once the Trainer exists)
+            self.collective = False  # FSDP: every rank takes part in gathering the sharded adapter
             self.stopped_early = False
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
@@ -41,13 +42,16 @@ def callback_classes():
             if state.best_metric is None or loss < state.best_metric - self.min_delta:
                 state.best_metric = loss
                 state.best_global_step = state.global_step
-                if state.is_world_process_zero and self.model is not None:
+                zero = state.is_world_process_zero
+                if self.save is not None and (zero or self.collective):
                     tmp = self.best_dir.with_name(self.best_dir.name + ".tmp")
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    self.model.save_pretrained(str(tmp))
-                    (tmp / "best.json").write_text(json.dumps({"step": state.global_step, "eval_loss": loss}))
-                    shutil.rmtree(self.best_dir, ignore_errors=True)
-                    os.replace(tmp, self.best_dir)
+                    if zero:
+                        shutil.rmtree(tmp, ignore_errors=True)
+                    self.save(tmp)
+                    if zero:
+                        (tmp / "best.json").write_text(json.dumps({"step": state.global_step, "eval_loss": loss}))
+                        shutil.rmtree(self.best_dir, ignore_errors=True)
+                        os.replace(tmp, self.best_dir)
                 return
             worse = [h for h in state.log_history
                      if "eval_loss" in h and h.get("step", 0) > (state.best_global_step or 0)]

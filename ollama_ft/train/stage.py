@@ -55,6 +55,8 @@ def build_adapter(cfg: RunConfig, base_dir: Path, data_dir: Path, out: Path, che
     KeyboardInterrupt.
     """
     t = cfg.training
+    if t.distributed == "fsdp":
+        _check_fsdp(cfg)
     if (t.nproc > 1 or t.nnodes > 1) and os.environ.get("LOCAL_RANK") is None:
         from .launch import launch_distributed
 
@@ -62,6 +64,20 @@ def build_adapter(cfg: RunConfig, base_dir: Path, data_dir: Path, out: Path, che
     from .stages import train_all
 
     return train_all(cfg, base_dir, data_dir, out, checkpoints_dir, resume, init_adapter, stage_data)
+
+
+def _check_fsdp(cfg: RunConfig) -> None:
+    import torch
+
+    t = cfg.training
+    if not torch.cuda.is_available():
+        # accelerate turns an FSDP plugin on only for accelerator devices: on CPU it would run DDP silently.
+        raise UserError("training.distributed=fsdp needs CUDA GPUs: accelerate shards models only on "
+                        "accelerator devices (on CPU the run would silently be DDP)",
+                        hint="use training.distributed=ddp (--nproc N) on CPU; FSDP is for a model that does not "
+                             "fit one GPU")
+    if t.nproc * t.nnodes == 1:
+        ui.warn("training.distributed=fsdp with one process shards nothing; use --nproc N")
 
 
 @dataclass
@@ -169,7 +185,8 @@ def train_process(cfg: RunConfig, base_dir: Path, data_dir: Path, out: Path, che
     trainer = trainer_class()(model=model, args=args, train_dataset=s.train_ds, eval_dataset=s.eval_ds,
                               data_collator=collator, loss_chunk_size=t.loss_chunk_size,
                               label_smoothing=t.label_smoothing, run_config=cfg)
-    best_cb.model = trainer.model
+    best_cb.collective = t.distributed == "fsdp" and s.world > 1
+    best_cb.save = lambda d: save_adapter(trainer, d, best_cb.collective)
     metrics_path = checkpoints_dir / "metrics.jsonl"
     metrics_cb = MetricsCallback(metrics_path, lambda: trainer.useful_tokens, show=show and s.is_main)
     for cb in (PrinterCallback, ProgressCallback):
@@ -187,10 +204,23 @@ def train_process(cfg: RunConfig, base_dir: Path, data_dir: Path, out: Path, che
     last_eval = max((h.get("step", -1) for h in trainer.state.log_history if "eval_loss" in h), default=-1)
     if s.eval_ds is not None and last_eval != trainer.state.global_step:
         trainer.evaluate()
+    if best_cb.collective and not (checkpoints_dir / BEST_DIR / "adapter_model.safetensors").is_file():
+        save_adapter(trainer, out, True)  # no evaluation: the last adapter, gathered by every rank
     if not s.is_main:
         return {}
     return _write_outputs(cfg, s, trainer, best_cb, metrics_cb, params, checkpoints_dir, out, resume_from,
                           init_adapter, extra_info or {})
+
+
+def save_adapter(trainer, directory: Path, collective: bool) -> None:
+    """Write the PEFT adapter into `directory`. collective (FSDP): called on every rank, which gather the
+    sharded weights (FULL_STATE_DICT) for rank 0 to write; otherwise rank 0 alone saves."""
+    if collective:
+        trainer.save_model(str(directory))
+        if trainer.args.should_save:
+            (Path(directory) / "training_args.bin").unlink(missing_ok=True)
+    else:
+        trainer.model.save_pretrained(str(directory))
 
 
 def _announce(cfg, s: _Setup, params, resume_from, metrics_cb, metrics_path: Path, init_adapter) -> None:
@@ -235,7 +265,8 @@ def _write_outputs(cfg, s: _Setup, trainer, best_cb, metrics_cb, params, checkpo
                 shutil.copy2(f, out / f.name)
         chosen = json.loads((best / "best.json").read_text())
     else:
-        trainer.model.save_pretrained(str(out))
+        if not (out / "adapter_model.safetensors").is_file():
+            trainer.model.save_pretrained(str(out))
         chosen = {"step": trainer.state.global_step, "eval_loss": None}
     metrics_path = checkpoints_dir / "metrics.jsonl"
     records = read_metrics(metrics_path)
@@ -294,6 +325,7 @@ def _hyperparameters(cfg: RunConfig, s: _Setup, trainer) -> dict[str, Any]:
         "max_grad_norm": t.max_grad_norm, "optimizer": s.optim, "global_batch": s.global_batch,
         "micro_batch": s.micro, "gradient_accumulation": s.accum, "processes": s.world,
         "distributed": t.distributed if s.world > 1 else "none",
+        "wrapped_as": type(trainer.model_wrapped).__name__,  # DistributedDataParallel / FullyShardedDataParallel
         "packing": t.packing, "loss_chunk_size": t.loss_chunk_size,
         "gradient_checkpointing": s.checkpointing, "gradient_checkpointing_reason": s.checkpointing_why,
         "seed": t.seed, "max_steps": s.total_steps,

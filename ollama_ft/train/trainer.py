@@ -76,12 +76,16 @@ def training_arguments(cfg: RunConfig, checkpoints_dir: Path, *, micro: int, acc
     t = cfg.training
     fsdp: dict[str, Any] = {}
     if t.distributed == "fsdp" and world > 1:
-        # transformers' FSDP integration (accelerate): shard the decoder layers, keep the LoRA weights'
-        # own names (use_orig_params) so peft can save them, gather a full state dict for saving.
+        # transformers' FSDP integration (accelerate), set up as PEFT's FSDP + QLoRA guide does: FSDP1 with
+        # flat parameters (use_orig_params false; transformers' update_fsdp_plugin_peft wraps the LoRA
+        # layers apart, so each flat parameter is all-frozen or all-trained, and sets the mixed precision
+        # to the 4-bit quant storage dtype); decoder layers sharded. The root unit (embeddings, final
+        # norm, LM head) is not resharded after forward in FSDP1, which the chunked loss relies on: it
+        # reads the head's weight after the forward. Full state dict for saving: a normal PEFT adapter. Every rank
+        # loads the (4-bit) base into CPU memory first (load_model: no device_map), FSDP then moves its shards.
         fsdp = {"fsdp": "full_shard auto_wrap",
-                "fsdp_config": {"use_orig_params": True, "cpu_ram_efficient_loading": False,
-                                "sync_module_states": True, "state_dict_type": "FULL_STATE_DICT",
-                                "activation_checkpointing": False}}
+                "fsdp_config": {"version": 1, "use_orig_params": False, "cpu_ram_efficient_loading": False,
+                                "sync_module_states": True, "state_dict_type": "FULL_STATE_DICT"}}
     return TrainingArguments(
         output_dir=str(checkpoints_dir),
         per_device_train_batch_size=micro,
