@@ -58,14 +58,18 @@ def check_torch() -> list[Check]:
         mem = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0
         from ollama_ft.core.compute_dtype import choose
         c = choose('auto', 'cuda' if cuda else 'cpu')
-        print(f"{torch.__version__}|{cuda}|{name}|{bf16}|{mem:.1f}|{c.name}|{c.reason}")
+        from ollama_ft.train.model import resolve_attn_implementation
+        attn, attn_why = resolve_attn_implementation('auto', 'cuda' if cuda else 'cpu')
+        print(f"{torch.__version__}|{cuda}|{name}|{bf16}|{mem:.1f}|{c.name}|{attn}|{c.reason}|{attn_why}")
         """
     )
     if rc != 0:
         return [Check("torch", False, out, "run `make install` (CPU) or install a CUDA torch first, see README")]
-    ver, cuda, name, bf16, mem, dtype, why = out.split("|", 6)
+    ver, cuda, name, bf16, mem, dtype, attn, why, attn_why = out.split("|", 8)
     checks = [Check("torch", True, ver),
-              Check("compute dtype", True, f"{dtype} ({why}); override with model.compute_dtype", required=False)]
+              Check("compute dtype", True, f"{dtype} ({why}); override with model.compute_dtype", required=False),
+              Check("attention", True, f"{attn_why}; model.attn_implementation (or a guide's `attention.type: "
+                    "flash_attn`) picks it", required=False)]
     if cuda == "True":
         checks.append(Check("CUDA GPU", True, f"{name}, {mem} GiB, bf16={'yes' if bf16 == 'True' else 'no (fp16 used)'}",
                             required=False))

@@ -230,6 +230,8 @@ def run_pipeline(
             raise UserError(f"--force {s}: unknown stage", hint=f"stages are: {', '.join(STAGES)}")
     lo, hi = _stage_range(until, from_stage)
     force_set |= set(STAGES[lo:hi + 1]) if from_stage else set()
+    if cfg.training.from_adapter:  # a wrong run name stops now, not after pull and data
+        Run.open(cfg.training.from_adapter, cfg.runs_dir).require("train")
     ui.info(f"[bold]ollama-ft[/] run [cyan]{run.root}[/] · base [cyan]{cfg.model.base}[/] · model name [cyan]{cfg.ollama_name}[/]")
     t0 = time.time()
     registered = False

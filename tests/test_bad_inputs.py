@@ -116,6 +116,27 @@ CASES: list[tuple[str, Setup, str]] = [
     ("bad-split", lambda t, r: ["plan", str(_config(t, "data:\n  split: [0.5, 0.5, 0.5]\n"))], "data.split"),
     ("bad-ollama-name-in-config", lambda t, r: ["plan", str(_config(t, "ollama:\n  name: Bad Name!\n"))],
      "Bad Name!"),
+    # ---- training methods (issue 17) and the guides' config blocks
+    ("guide-awq-quantization-block", lambda t, r: ["plan", str(_config(t, "quantization:\n  type: awq\n  "
+                                                              "weight_dtype: int4\n  activate_dtype: fp16\n"))],
+     "c.yaml:1: 'quantization' (type: awq): quantization-aware training"),
+    ("guide-attention-unknown-type", lambda t, r: ["plan", str(_config(t, "attention:\n  type: ring\n"))],
+     "attention: {type: flash_attn}"),
+    ("lora-layers-bad-form", lambda t, r: ["plan", str(_config(t, "lora:\n  layers: top 4\n"))], "c.yaml:2: 'lora.layers'"),
+    ("lora-layers-beyond-model", lambda t, r: ["plan", str(_config(t, "lora:\n  layers: last 99\n"))],
+     "only 18 layers"),
+    ("min-lr-above-lr", lambda t, r: ["plan", str(_config(t, "training:\n  learning_rate: 1e-4\n"
+                                                        "  min_learning_rate: 1e-3\n"))], "must be below"),
+    ("stage-unknown-key", lambda t, r: ["plan", str(_config(t, "stages:\n  - name: general\n    learning_rate: 1e-5"
+                                                          "\n    epohcs: 1\n"))], "did you mean 'stages.0.epochs'"),
+    ("stage-duplicate-names", lambda t, r: ["plan", str(_config(t, "stages:\n  - {name: a, learning_rate: 1e-5}"
+                                                              "\n  - {name: a, learning_rate: 1e-6}\n"))], "repeated: a"),
+    ("lm-head-lr-without-module", lambda t, r: ["plan", str(_config(t, "lora:\n  lm_head_learning_rate: 1e-5\n"))],
+     "need lora.modules_to_save"),
+    ("from-adapter-unknown-run", lambda t, r: ["train", str(_config(t)), "--from-adapter", "nope", "--until", "pull"],
+     "run not found: nope"),
+    ("nnodes-without-endpoint", lambda t, r: ["train", str(_config(t)), "--nnodes", "2", "--until", "pull"],
+     "rdzv_endpoint"),
     # ---- CLI values
     ("set-not-yaml", lambda t, r: ["train", str(_config(t)), "--set", "training.epochs=[", "--until", "pull"],
      "training.epochs=["),
