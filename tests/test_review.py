@@ -133,6 +133,10 @@ def test_ratings_survive_kill_9_and_second_reviewer_does_not_overwrite(tmp_path)
         st = srv.api("GET", "/api/state").json()
         assert st["done"] == 3 and st["start"] == 3  # restarted server resumes after the three
         assert st["items"][0]["scores"]["a"] == GOOD
+        # (the lock of the killed server died with it; a second live server for alice is refused)
+        twin = _cli("review", str(run), "--reviewer", "alice")
+        assert twin.returncode == 1 and "already has a review page open" in twin.stderr
+        assert "review page:" not in twin.stdout
     finally:
         srv.stop()
 

@@ -6,7 +6,6 @@ import getpass
 import json
 import re
 import secrets
-import sys
 import webbrowser
 from pathlib import Path
 
@@ -61,14 +60,21 @@ def review_command(run_ref: str, against: str | None = None, reviewer: str | Non
         ui.success(f"all reviewers' ratings ({comparison.key}, sides named) -> {export_csv}")
         return
     store = ReviewStore(comparison, reviewer or default_reviewer(), seed=_seed(run))
+    with store.exclusive():  # before the URL is printed: a second server for the same reviewer stops here
+        _serve(store, port, open_browser)
+    ui.success(f"review stopped; ratings in {store.path}. Report: `{store.report_command}`")
+
+
+def _serve(store: ReviewStore, port: int, open_browser: bool) -> None:
     from .server import bind, create_app, serve
 
+    comparison = store.comparison
     token = secrets.token_urlsafe(24)
     sock = bind(port)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}/?token={token}"
     st = store.page_state()
     ui.info(f"reviewer {store.reviewer}: {st['done']} of {len(st['items'])} items rated so far "
-            f"({comparison.labels[comparison.sides[1]]} vs {comparison.labels[comparison.sides[0]]}, shown blind as A/B)")
+            f"({comparison.labels['tuned']} vs {comparison.labels['base']}, shown blind as A/B)")
     if st["stale"]:
         ui.warn(f"{st['stale']} earlier rating(s) set aside: their answers changed since (eval re-run)")
     ui.info(f"ratings are saved after every key press to {store.path}")
@@ -81,5 +87,3 @@ def review_command(run_ref: str, against: str | None = None, reviewer: str | Non
         serve(create_app(store, token), sock)
     finally:
         sock.close()
-    sys.stdout.flush()
-    ui.success(f"review stopped; ratings in {store.path}. Report: `{store.report_command}`")

@@ -7,13 +7,16 @@ acknowledged and never leaves half a file. Each reviewer has a file of their own
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import hashlib
 import io
 import json
+import os
 import random
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +81,28 @@ class ReviewStore:
             raise UserError(f"{self.path}: not an ollama-ft ratings file (format {FORMAT})",
                             hint="move it away, or pick another --reviewer name")
         return doc
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """One server per reviewer file: a second one would overwrite the first's ratings with its own copy.
+
+        An flock on a lock file beside it; the kernel drops it when the process dies, even by kill -9.
+        """
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(f".{self.reviewer}.lock"), "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                raise UserError(f"reviewer {self.reviewer} already has a review page open for this run "
+                                f"({f.read().strip() or 'another process'})",
+                                hint="use the URL that one printed, stop it (Ctrl-C), or pick another --reviewer") from None
+            f.truncate(0)
+            f.write(f"pid {os.getpid()}\n")
+            f.flush()
+            yield
 
     def save(self) -> None:
         atomic_write_text(self.path, json.dumps(self.doc, indent=1, ensure_ascii=False) + "\n")
