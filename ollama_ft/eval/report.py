@@ -135,6 +135,11 @@ def write_report(m: dict[str, Any], run: Run, out: Path) -> list[str]:
                   f"**Reference:** {ex['reference']}", "", f"**Base:** {ex['base']}", "",
                   f"**Tuned:** {ex['tuned']}", ""]
     lines += ["Every example, with both answers and per-example scores, is in `metrics.json` (`per_example`).", ""]
+    # --- Human review (eval/human.py; issue 16): only when runs/<run>/review/ holds complete ratings.
+    from .human import report_section
+
+    lines += report_section(run.root, m, out, _md_table)
+    # --- end human review
     atomic_write_text(out / "report.md", "\n".join(lines))
     return pngs
 
