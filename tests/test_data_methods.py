@@ -111,6 +111,9 @@ def test_replay_data_is_in_the_data_fingerprint(tmp_path):
     assert "replay/g.jsonl" in before and "replay/g.jsonl" not in data_files_digest(_cfg(src))
     _write(general, [{"messages": _msgs("hi", "hello there")}])
     assert data_files_digest(cfg) != before
+    with pytest.raises(UserError, match="data.replay.path: data not found") as e:
+        data_files_digest(_cfg(src, f"data.replay.path={tmp_path / 'missing.jsonl'}"))
+    assert "--set data.replay.path=" in e.value.hint
 
 
 def test_replay_config_is_validated_with_the_line(tmp_path):

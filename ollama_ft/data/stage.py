@@ -35,7 +35,7 @@ _BATCH = 2048
 # Paths and templates
 
 
-def resolve_data_path(path: str | Path) -> Path:
+def resolve_data_path(path: str | Path, key: str = "data.path") -> Path:
     """`path` as given (CWD-relative or absolute); else relative to the installed package's parent,
     so the default `ollama_ft/data_files/clinic_sample.jsonl` works from any directory."""
     p = Path(path).expanduser()
@@ -45,8 +45,8 @@ def resolve_data_path(path: str | Path) -> Path:
         pkg_root = Path(__file__).resolve().parents[2]
         if (pkg_root / p).exists():
             return pkg_root / p
-    raise UserError(f"data not found: {path}", hint="set data.path to a file or directory (jsonl, json, csv, "
-                    "parquet, txt), e.g. --set data.path=my_data.jsonl")
+    raise UserError(f"{key}: data not found: {path}", hint=f"set {key} to a file or directory (jsonl, json, csv, "
+                    f"parquet, txt), e.g. --set {key}=my_data.jsonl")
 
 
 def data_files_digest(cfg) -> dict[str, str]:
@@ -59,7 +59,7 @@ def data_files_digest(cfg) -> dict[str, str]:
     out = {(p.relative_to(src).as_posix() if src.is_dir() else p.name): sha256_file(p)
            for p in list_files(src, Report())}
     if cfg.data.replay is not None and cfg.data.replay.ratio > 0:
-        rsrc = resolve_data_path(cfg.data.replay.path)
+        rsrc = resolve_data_path(cfg.data.replay.path, "data.replay.path")
         out.update({f"replay/{p.relative_to(rsrc).as_posix() if rsrc.is_dir() else p.name}": sha256_file(p)
                     for p in list_files(rsrc, Report())})
     return out
@@ -197,7 +197,7 @@ def _score_and_filter(cfg, base_dir: Path, held: list[tuple], out: Path) -> tupl
 def _add_replay(cfg, enc: _Encoder, writers: dict, seen_exact: set[bytes]) -> dict[str, Any]:
     r, d = cfg.data.replay, cfg.data
     fractions = tuple(d.time_fractions if d.split == "time" else d.split)
-    path = resolve_data_path(r.path)
+    path = resolve_data_path(r.path, "data.replay.path")
     pool, info = replay.pool(path, r.format, d.seed, fractions, seen_exact)
     pool = [(_with_system(d, rec), s, n) for rec, s, n in pool]
     encoded: list[tuple] = []
