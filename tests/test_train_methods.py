@@ -357,3 +357,35 @@ def test_two_process_fsdp_qlora(tiny_llama, tiny_data, tmp_path):
              load_model(single, tiny_llama, "cpu", torch.float32).named_parameters() if p.requires_grad}
     assert {k: v.shape for k, v in saved.items()} == fresh  # full (gathered) tensors, not FSDP shards
     assert info["best_eval_loss"] < 6.3  # ln(512) = 6.24 is chance: the sharded run learned
+
+
+# ---------------------------------------------------------------------------------------------
+# The guides' attention block; packing through DataCollatorWithFlattening
+
+
+def test_attention_block_maps_to_attn_implementation(tmp_path):
+    from ollama_ft.core.config import load_config
+    from ollama_ft.train.model import resolve_attn_implementation
+
+    p = tmp_path / "g.yaml"
+    p.write_text("model:\n  base: qwen2.5:7b\nattention:\n  type: flash_attn\n")
+    loaded = load_config(p)
+    assert loaded.config.model.attn_implementation == "flash_attention_2"
+    assert loaded.resolved()["model.attn_implementation"]["source"] == f"{p}:4 (attention.type)"
+    impl, why = resolve_attn_implementation("flash_attention_2", "cpu")
+    assert impl == "sdpa" and "no CUDA device" in why
+    assert resolve_attn_implementation("eager", "cpu")[0] == "eager"
+
+
+def test_packing_collator_equals_per_example_shift(tiny_data):
+    """PackingCollator (DataCollatorWithFlattening + a left shift) == concatenating each example's own
+    shifted targets, with position ids restarting per example."""
+    from ollama_ft.train.data import PackingCollator, _shifted, load_split
+
+    rows = load_split(tiny_data, "train").rows[:5]
+    b = PackingCollator()(rows)
+    assert b["shift_labels"][0].tolist() == sum((_shifted(r["labels"]) for r in rows), [])
+    assert b["input_ids"][0].tolist() == sum((list(r["input_ids"]) for r in rows), [])
+    assert b["position_ids"][0].tolist() == sum((list(range(len(r["input_ids"]))) for r in rows), [])
+    flash = PackingCollator(flash_attn_kwargs=True)(rows)
+    assert flash["cu_seq_lens_q"].tolist()[-1] == len(b["input_ids"][0])
