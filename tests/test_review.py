@@ -251,6 +251,11 @@ def test_statistics_match_scipy_and_krippendorff(tmp_path):
     human_tuned = (np.mean([np.mean(list(GOOD.values()))] * 9 + [np.mean(list(POOR.values()))] * 3) - 1) / 4
     assert c["tuned"]["human"] == pytest.approx(human_tuned)
     assert c["tuned"]["combined"] == pytest.approx(0.4 * auto_tuned + 0.6 * human_tuned)
+    from ollama_ft.eval.report import _md_table
+
+    md = "\n".join(human.section_lines([s], _md_table))
+    assert "2 reviewer(s): alice, bob" in md and f"relevance {s['agreement']['relevance']:.2f}" in md
+    assert f"sign test p = {p['p_sign']:.3f}" in md and f"{c['tuned']['combined']:.3f}" in md
 
 
 def test_report_shows_human_review_on_a_real_eval(tmp_path, tiny_llama, tiny_gguf):

@@ -308,7 +308,7 @@ def section_lines(summaries: list[dict[str, Any]], table: Callable[[list[str], l
              "and reviewer (`ollama-ft review`), and rated relevance, fluency and professionalism 1-5 plus a "
              "preference. The sides are unblinded only here. Means are over ratings with a bootstrap 95% CI; "
              "differences are paired per item (reviewers of an item averaged first), with a bootstrap CI and "
-             "the Wilcoxon signed-rank p-value; the preference is decided per item by its reviewers' net vote "
+             "the Wilcoxon signed-rank p-value (– where every difference is 0); the preference is decided per item by its reviewers' net vote "
              "and tested with an exact sign test (ties left out), with a Clopper-Pearson 95% CI.", ""]
     for s in summaries:
         ref, cand = s["sides"]
