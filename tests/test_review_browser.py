@@ -110,6 +110,15 @@ def test_rate_by_keyboard_reload_resume_export(tmp_path, browser):
         assert [r["preference"] for r in rows[:3]] == ["A", "B", "tie"]
         assert rows[0]["A_relevance"] == "4" and rows[0]["B_professionalism"] == "2"
         assert foreign == []  # nothing outside the review server was requested (works offline)
+
+        srv.kill()  # kill -9 mid-session, then a new server (new port, new token): the ratings are there
+        page.keyboard.press("5")  # a change while the server is down is reported, not lost silently
+        _wait_text(page, "#save", lambda t: t.startswith("NOT saved"))
+        srv = ReviewServer(str(run), "--reviewer", "alice")
+        origin = srv.base
+        page.goto(srv.url)
+        _wait_text(page, "#progress-text", lambda t: t.startswith("Item"))
+        assert _progress(page) == "Item 4 of 6 · rated 3 of 6"
         ctx.close()
     finally:
         srv.stop()
