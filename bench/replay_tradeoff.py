@@ -70,11 +70,11 @@ def general_fallback(run: Path, cfg) -> dict | None:
     return eg.check(scores[0], scores[1], max_increase=None, n_boot=cfg.eval.bootstrap_samples, seed=cfg.eval.seed)
 
 
-def measure(config: Path, ratio: float, runs: Path) -> dict:
+def measure(config: Path, ratio: float, runs: Path, extra: list[str]) -> dict:
     from ollama_ft.core.config import load_config
 
     name = run_name(ratio)
-    sets = [f"name={name}", f"runs_dir={runs}", f"data.replay.ratio={ratio}", f"ollama.name=ollama-ft-{name}"]
+    sets = [f"name={name}", f"runs_dir={runs}", f"data.replay.ratio={ratio}", f"ollama.name=ollama-ft-{name}", *extra]
     reuse_base_gguf(runs, name)
     env = {**os.environ, "OLLAMA_HOST": os.environ.get("OLLAMA_HOST", "http://127.0.0.1:9")}
     t = time.time()
@@ -107,9 +107,11 @@ def measure(config: Path, ratio: float, runs: Path) -> dict:
     }
 
 
-def table(rows: list[dict], cpu: str, commit: str, config: str) -> str:
+def table(rows: list[dict], cpu: str, commit: str, config: str, extra: list[str]) -> str:
     b = rows[0]
-    out = [f"Replay trade-off on `{Path(config).relative_to(ROOT).as_posix() if Path(config).is_absolute() else config}` (commit {commit}), {cpu}. "
+    over = f" with {' '.join('--set ' + e for e in extra)}" if extra else ""
+    out = [f"Replay trade-off on `{Path(config).relative_to(ROOT).as_posix() if Path(config).is_absolute() else config}`"
+           f"{over} (commit {commit}), {cpu}. "
            f"Baseline: replay {b['ratio']} in the same bench run; (x) = ratio to it.", "",
            "| replay ratio | train examples (replay) | general-text ppl (base -> tuned) | domain test ppl | "
            "ROUGE-L | chrF | train s |", "|---|---|---|---|---|---|---|"]
@@ -157,6 +159,8 @@ def main() -> int:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.25, 0.5])
     ap.add_argument("--runs-dir", default=str(ROOT / "runs"))
     ap.add_argument("--png", default=str(ROOT / "docs" / "replay_tradeoff.png"))
+    ap.add_argument("--set", dest="extra", action="append", default=[],
+                    help="extra config override for every run, e.g. --set training.max_steps=16 on a busy CPU")
     args = ap.parse_args()
     runs = Path(args.runs_dir).resolve()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -170,12 +174,13 @@ def main() -> int:
         commit += " + uncommitted " + ", ".join(dirty)
     rows = []
     for r in args.ratios:  # one at a time: the CPU is shared
-        rows.append(measure(Path(args.config), r, runs))
+        rows.append(measure(Path(args.config), r, runs, args.extra))
         print(json.dumps(rows[-1]), flush=True)
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
-    md = table(rows, cpu, commit, args.config)
-    (out / "replay_tradeoff.json").write_text(json.dumps({"cpu": cpu, "commit": commit, "rows": rows}, indent=2))
+    md = table(rows, cpu, commit, args.config, args.extra)
+    (out / "replay_tradeoff.json").write_text(json.dumps({"cpu": cpu, "commit": commit, "overrides": args.extra,
+                                                          "rows": rows}, indent=2))
     (out / "replay_tradeoff.md").write_text(md)
     plot(rows, Path(args.png), cpu)
     print(md)
