@@ -389,3 +389,54 @@ def test_packing_collator_equals_per_example_shift(tiny_data):
     assert b["position_ids"][0].tolist() == sum((list(range(len(r["input_ids"]))) for r in rows), [])
     flash = PackingCollator(flash_attn_kwargs=True)(rows)
     assert flash["cu_seq_lens_q"].tolist()[-1] == len(b["input_ids"][0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the pipeline and the CLI
+
+
+def test_pipeline_stages_then_continued_run_records_lineage(tmp_path, tiny_llama):
+    """`stages:` with a stage of its own data (built into stage-data/), then a second run continuing the
+    first run's adapter (--from-adapter): lineage of both in the manifest."""
+    import yaml
+
+    from ollama_ft.pipeline import run_pipeline
+    from tests.test_pipeline import SAMPLE
+
+    lines = SAMPLE.read_text().splitlines()
+    (tmp_path / "task.jsonl").write_text("\n".join(lines[:40]) + "\n")
+    (tmp_path / "general.jsonl").write_text("\n".join(lines[40:80]) + "\n")
+    cfg = {"name": "first", "runs_dir": str(tmp_path / "runs"), "model": {"base": str(tiny_llama), "adapter": "lora"},
+           "data": {"path": str(tmp_path / "task.jsonl"), "max_length": 128}, "lora": {"r": 4, "alpha": 8},
+           "training": {"batch_size": 4, "max_steps": 2, "eval_steps": 2, "save_steps": 2},
+           "stages": [{"name": "general", "data": str(tmp_path / "general.jsonl"), "learning_rate": 1e-3},
+                      {"name": "task", "learning_rate": 5e-4}]}
+    p = tmp_path / "first.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    first = run_pipeline(p, [], until="train")
+    info = first.entry("train")["info"]
+    assert [s["stage"] for s in info["stages"]] == ["general", "task"]
+    assert (first.root / "stage-data" / "general" / "train.parquet").is_file()
+    assert first.entry("train")["settings"]["stage_files"].keys() == {"general"}
+
+    second = run_pipeline(p, ["name=second", "training.from_adapter=first", "stages=[]"], until="train")
+    lineage = json.loads((second.root / "manifest.json").read_text())["lineage"]["from_adapter"]
+    assert lineage["run"] == str(first.root) and lineage["train_digest"] == first.output_digest("train")
+    summary = second.entry("train")["info"]
+    assert summary["init_adapter"] == str(first.root / "adapter")
+    assert second.entry("train")["settings"]["from_adapter"] == first.output_digest("train")
+
+
+def test_plan_prints_trainable_parameters_of_layer_limited_lora():
+    import subprocess
+    import sys
+
+    from tests.test_pipeline import ROOT
+
+    p = subprocess.run([sys.executable, "-m", "ollama_ft", "plan", "configs/layers-example.yaml", "--budget", "8GB"],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "COLUMNS": "200"})
+    assert p.returncode == 0, p.stderr
+    line = next(ln for ln in p.stdout.splitlines() if ln.startswith("trainable parameters:"))
+    assert "LoRA in 4 of 18 layers" in line
+    # 4 layers x r=16 x 3 x (640 + 2048): gate/up/down of Gemma 3 270M (hidden 640, intermediate 2048)
+    assert f"{4 * 16 * 3 * (640 + 2048):,}" in line
