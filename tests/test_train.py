@@ -76,7 +76,10 @@ def _train(cfg, base, data, tmp: Path, name: str, resume: bool = False, callback
 # Loss
 
 
-def test_chunked_ce_matches_full_ce_value_and_grads():
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_chunked_ce_matches_full_ce_value_and_grads(smoothing):
+    """Chunked == torch's cross_entropy on the full logits (full_ce_sum), label smoothing included
+    (training.label_smoothing: exact against cross_entropy(label_smoothing=...), -100 positions too)."""
     from ollama_ft.train.loss import chunked_ce_sum, full_ce_sum
 
     g = torch.Generator().manual_seed(0)
@@ -87,9 +90,9 @@ def test_chunked_ce_matches_full_ce_value_and_grads():
         y = torch.randint(0, 301, (3, 17), generator=g)
         y[0, :5] = -100
         y[2, -3:] = -100
-        ref, n_ref = full_ce_sum(h, w, b, y, softcap=softcap)
+        ref, n_ref = full_ce_sum(h, w, b, y, softcap=softcap, smoothing=smoothing)
         gh, gw, gb = torch.autograd.grad(ref, (h, w, b))
-        got, n = chunked_ce_sum(h, w, b, y, chunk=7, softcap=softcap)
+        got, n = chunked_ce_sum(h, w, b, y, chunk=7, softcap=softcap, smoothing=smoothing)
         ch, cw, cb = torch.autograd.grad(got, (h, w, b))
         assert n == n_ref == 51 - 8
         torch.testing.assert_close(got.double(), ref.double(), rtol=1e-6, atol=1e-6)
@@ -97,6 +100,8 @@ def test_chunked_ce_matches_full_ce_value_and_grads():
             torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
         # masked positions get exactly zero gradient
         assert ch[0, :5].abs().max() == 0 and ch[2, -3:].abs().max() == 0
+        if smoothing:  # and smoothing has an effect
+            assert abs(float(got) - float(chunked_ce_sum(h, w, b, y, chunk=7, softcap=softcap)[0])) > 1e-2
 
 
 def test_packing_does_not_attend_across_examples(tiny_llama, tiny_data):

@@ -225,7 +225,9 @@ def layer_activation_bytes(d: ModelDims, s: PlanSettings) -> float:
 
 
 def estimate(model_dims: dict[str, Any] | ModelDims, settings: PlanSettings) -> Breakdown:
-    """Predict peak memory (training, merge, export) and disk, from dims alone. Pure."""
+    """Predict peak memory (training, merge, export) and disk, from dims alone. Pure.
+
+    One term per memory component, in the order the breakdown table shows them (long for that reason)."""
     d = model_dims if isinstance(model_dims, ModelDims) else ModelDims.from_config(model_dims)
     s = settings
     b = s.compute_bytes
