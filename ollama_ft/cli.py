@@ -259,14 +259,21 @@ def modelfile(
 @app.command()
 def register(
     run: RunArg,
-    name: Annotated[str | None, typer.Option(help="Model name in Ollama, e.g. my-medical-model")] = None,
+    name: Annotated[str | None, typer.Option(help="Model name in Ollama, e.g. my-medical-model (or name:v2)")] = None,
+    tag: Annotated[str | None, typer.Option(help="Version tag, e.g. v2: registers name:v2 (default: ollama.tag, latest)")] = None,
     host: Annotated[str | None, typer.Option(help="Ollama URL (default: $OLLAMA_HOST or http://127.0.0.1:11434)")] = None,
     force: Annotated[bool, typer.Option(help="Register even if the evaluation gate refuses")] = False,
 ) -> None:
-    """Upload the GGUF (only if missing) and create the model through the Ollama API, then verify."""
+    """Upload the GGUF (only if missing) and create the model through the Ollama API, then verify.
+
+    Versions: `--tag v2` registers `<name>:v2` beside earlier tags; the run's manifest records which
+    name:tag it became, and `ollama-ft eval RUN --against OTHER` names both sides' lineage.
+    """
     from .pipeline import run_single_stage
 
     overrides = [f"ollama.name={name}"] if name else []
+    if tag:
+        overrides.append(f"ollama.tag={tag}")
     if host:
         overrides.append(f"ollama.host={host}")
     run_single_stage(run, "register", force=True, overrides=overrides, gate_force=force)
@@ -292,14 +299,25 @@ def eval_(
     run: RunArg,
     via: Annotated[str, typer.Option(help="llama_cpp (default: the GGUF files) | ollama (through the API)")] = "llama_cpp",
     max_examples: Annotated[int | None, typer.Option(help="Evaluate at most this many test examples")] = None,
+    against: Annotated[str | None, typer.Option(help="Compare with another run's tuned model instead of the base "
+                                                      "(same test split required); writes report-vs-OTHER/")] = None,
     force: Annotated[bool, typer.Option(help="Redo even if done")] = False,
 ) -> None:
-    """Base vs tuned on the test split: perplexity, ROUGE-L, BLEU, chrF, stop behaviour, significance."""
-    from .pipeline import run_single_stage
+    """Base vs tuned on the test split: key facts, perplexity, ROUGE-L, BLEU, chrF, stop behaviour,
+    general-text perplexity (forgetting), significance; report.md + report.html.
 
+    `--against OTHER_RUN` compares two tuned models the same way (e.g. v1 vs v2).
+    """
     overrides = [f"eval.via={via}"]
     if max_examples:
         overrides.append(f"eval.max_examples={max_examples}")
+    if against:
+        from .eval.against import eval_against
+
+        eval_against(run, against, overrides)
+        return
+    from .pipeline import run_single_stage
+
     run_single_stage(run, "eval", force=force, overrides=overrides)
 
 

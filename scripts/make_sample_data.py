@@ -8,8 +8,9 @@ forms, made-up medication names, protocol codes, escalation rules; all invented,
 cannot know them and nothing reads as medical advice). Each fact has one short answer and
 hand-written questions: three for training, one paraphrase for validation, one for test.
 
-Output: OpenAI-messages JSONL, one record per question, each with the clinic's system prompt and a
-"split" field that the data stage honours. Test questions are paraphrases never seen in training,
+Output: OpenAI-messages JSONL, one record per question, each with the clinic's system prompt, a
+"split" field that the data stage honours, and the answer's key facts ("facts": what an answer
+must state; the eval stage scores key-fact accuracy with them, eval/facts.py). Test questions are paraphrases never seen in training,
 so a rising score on the test split means the facts were learned, not the strings. Deterministic:
 the same fact table always gives the same bytes.
 """
@@ -49,21 +50,21 @@ def generate(facts_doc: dict, seed: int = 7) -> list[dict]:
     system = facts_doc["system_prompt"]
     records = []
 
-    def rec(fid: str, tag: str, question: str, answer: str, split: str) -> dict:
-        return {"id": f"{fid}-{tag}", "split": split, "messages": [
+    def rec(fid: str, tag: str, question: str, answer: str, split: str, key_facts: list[str]) -> dict:
+        return {"id": f"{fid}-{tag}", "split": split, "facts": key_facts, "messages": [
             {"role": "system", "content": system},
             {"role": "user", "content": question},
             {"role": "assistant", "content": answer}]}
 
     for fact in facts_doc["facts"]:
-        fid, answer = fact["id"], fact["answer"]
+        fid, answer, key_facts = fact["id"], fact["answer"], fact["key_facts"]
         for k, q in enumerate(fact["train"]):
-            records.append(rec(fid, f"t{k}", q, answer, "train"))
+            records.append(rec(fid, f"t{k}", q, answer, "train", key_facts))
         for k, w in enumerate(rng.sample(_WRAPPERS, 2)):
             q = rng.choice(fact["train"])
-            records.append(rec(fid, f"w{k}", w.format(q=q, lq=_lower_first(q)), answer, "train"))
-        records.append(rec(fid, "v", fact["validation"], answer, "validation"))
-        records.append(rec(fid, "p", fact["test"], answer, "test"))
+            records.append(rec(fid, f"w{k}", w.format(q=q, lq=_lower_first(q)), answer, "train", key_facts))
+        records.append(rec(fid, "v", fact["validation"], answer, "validation", key_facts))
+        records.append(rec(fid, "p", fact["test"], answer, "test", key_facts))
     return records
 
 

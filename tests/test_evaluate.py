@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def test_paired_test_identical_is_not_significant():
     xs = [0.1, 0.5, 0.3, 0.9, 0.2, 0.4]
     t = em.paired_test(xs, list(xs), n_boot=500)
     assert t["mean_diff"] == 0 and t["ci_low"] == 0 and t["ci_high"] == 0
-    assert t["significant"] is False and t["p_wilcoxon"] == 1.0 and t["p_bootstrap"] == 1.0
+    assert t["significant"] is False and t["p"] == 1.0 and t["p_permutation"] == 1.0
     assert em.verdict(t, True) == "no significant change"
 
 
@@ -95,13 +96,16 @@ def test_paired_test_hand_values():
     assert t["mean_diff"] == pytest.approx(3.5)
     assert t["cohens_dz"] == pytest.approx(3.5 / math.sqrt(3.5))
     assert t["rank_biserial"] == pytest.approx(1.0)
-    assert t["p_wilcoxon"] == pytest.approx(0.03125)
+    assert t["p"] == pytest.approx(0.03125) and t["test_name"] == "Wilcoxon signed-rank"
+    # the sign-flip permutation test is exact for 2**6 <= n_boot: only all-positive (and all-negative)
+    # of the 64 sign patterns reach a mean of 3.5
+    assert t["p_permutation"] == pytest.approx(2 / 64)
     assert t["significant"] and t["ci_low"] > 0
     # seeded: the same call gives the same CI
     assert em.paired_test([0] * 6, [1, 2, 3, 4, 5, 6], n_boot=1000, seed=1)["ci_low"] == t["ci_low"]
     # five examples: the bootstrap CI excludes 0 but the rank test cannot reach p < 0.05 (2/32)
     five = em.paired_test([0] * 5, [1, 2, 3, 4, 5])
-    assert five["ci_low"] > 0 and five["p_wilcoxon"] == pytest.approx(0.0625) and not five["significant"]
+    assert five["ci_low"] > 0 and five["p"] == pytest.approx(0.0625) and not five["significant"]
 
 
 def test_paired_test_clearly_different_and_noise():
@@ -111,7 +115,7 @@ def test_paired_test_clearly_different_and_noise():
     base = rng.uniform(0.2, 0.4, 40)
     tuned = base + 0.3 + rng.normal(0, 0.02, 40)
     t = em.paired_test(base, tuned)
-    assert t["significant"] and t["p_wilcoxon"] < 1e-6 and t["ci_low"] > 0.25
+    assert t["significant"] and t["p"] < 1e-6 and t["ci_low"] > 0.25
     assert em.verdict(t, higher_is_better=True) == "better"
     assert em.verdict(t, higher_is_better=False) == "worse"
     assert em.verdict(t, higher_is_better=None) == "higher"  # neutral quantity such as length
@@ -275,14 +279,33 @@ def test_build_report_end_to_end(tmp_path, tiny_llama, tiny_gguf):
     out = tmp_path / "report"
     out.mkdir()
     info = build_report(_cfg(quant="Q8_0"), run, out)
-    for f in ("metrics.json", "report.md", "metrics.png", "drift.png", "loss_curve.png"):
+    for f in ("metrics.json", "report.md", "report.html", "metrics.png", "drift.png", "loss_curve.png"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     m = json.loads((out / "metrics.json").read_text())
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    # the new sections, in the markdown and in the one self-contained page
+    for heading in ("Key facts", "Forgetting check (general-text perplexity)", "Drift by stage"):
+        assert f"## {heading}" in md and f"<h2>{heading}" in page, heading
+    assert page.count("data:image/png;base64,") == 3 and not re.search(r"(src|href)=\"(https?:)?//", page)
+    # forgetting check at the registered quant: both GGUFs are the same weights, so no change and the gate passes
+    gen = m["general"]
+    assert gen["quant"] == "Q8_0" and gen["examples"] >= 30 and gen["passed"] is True
+    assert gen["base_perplexity"] == pytest.approx(gen["tuned_perplexity"]) and gen["increase"] == pytest.approx(0.0)
+    assert {d["stage"]: d.get("general_perplexity") for d in m["drift"]}["GGUF Q8_0"] == pytest.approx(gen["tuned_perplexity"])
+    # key facts derived from the references ("one tablet", "eight"): compared with McNemar, both sides equal
+    assert m["comparisons"]["facts_all"]["test"]["test_name"] == "exact McNemar"
+    assert m["comparisons"]["facts_all"]["test"]["mean_diff"] == pytest.approx(0.0)
     assert m["examples"] == 4 and m["examples_available"] == 6 and m["cap"] == 4
     assert "first 4 of 6 test examples" in (out / "report.md").read_text()
     assert set(info["gate"]) >= {"passed", "reason"} and isinstance(info["gate"]["passed"], bool)
     assert set(info["example"]) >= {"question", "reference", "base", "tuned"}
-    assert info["example"]["question"] == QA[0][0] and info["example"]["reference"] == QA[0][1]
+    # the showcase is picked by a fixed, stated rule (median by fact recall), not the first or the best
+    ex = info["example"]
+    assert "median" in ex["rule"] and "Picked by a fixed rule: " + ex["rule"] in (out / "report.md").read_text()
+    assert ex["reference"] == m["per_example"][ex["index"]]["reference"]
+    recalls = sorted(r["tuned_fact_recall"] for r in m["per_example"] if r["tuned_fact_recall"] is not None)
+    if recalls:
+        assert ex["tuned_fact_recall"] == recalls[(len(recalls) - 1) // 2]
     assert info["summary"].startswith("4 test examples")
     for side in ("base", "tuned"):
         c = m[side]["corpus"]
@@ -322,6 +345,73 @@ def test_build_report_identical_models_converts_base(tmp_path, tiny_llama, tiny_
     assert info["gate"]["passed"] is True
     assert info["example"]["base"] == info["example"]["tuned"]
     assert m["base"]["corpus"]["perplexity"] == pytest.approx(m["tuned"]["corpus"]["perplexity"])
+
+
+def test_general_gate_refuses_registration(tmp_path, tiny_llama, tiny_gguf):
+    """Forgetting gate: a tuned GGUF whose final norm is scaled up 50x (confidently wrong logits) scores the
+    general text far worse than the base, so eval.max_general_ppl_increase: 0.15 refuses registration;
+    null only reports."""
+    from ollama_ft.eval.stage import build_report
+
+    run = _fake_run(tmp_path / "run", tiny_llama, tiny_gguf, tiny_gguf)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_llama, other)
+    from safetensors.torch import load_file, save_file
+
+    st = next(other.glob("*.safetensors"))
+    w = load_file(st)
+    w["model.norm.weight"] = w["model.norm.weight"] * 50
+    save_file(w, st, metadata={"format": "pt"})
+    from ollama_ft.export import converter
+
+    converter.convert_to_gguf(other, run.root / "gguf" / "tiny-F16.gguf", "f16")
+    out = tmp_path / "report"
+    out.mkdir()
+    info = build_report(_cfg(drift=False, max_general_ppl_increase=0.15), run, out)
+    gen = json.loads((out / "metrics.json").read_text())["general"]
+    assert gen["increase"] > 0.15 and gen["passed"] is False
+    assert info["gate"]["passed"] is False and "eval.max_general_ppl_increase 15%" in info["gate"]["reason"]
+    assert "REFUSED" in (out / "report.md").read_text()
+    # null: reported, not gated
+    out2 = tmp_path / "report2"
+    out2.mkdir()
+    info2 = build_report(_cfg(drift=False, max_general_ppl_increase=None), run, out2)
+    assert "general-text perplexity rose" not in info2["gate"]["reason"]
+
+
+def _run_yaml(run, **eval_kw) -> None:
+    ev = {"max_examples": 3, "max_new_tokens": 8, "bootstrap_samples": 200, "threads": 2, "general_data": "none",
+          **eval_kw}
+    (run.root / "run.yaml").write_text(json.dumps({"name": "tiny", "ollama": {"name": "tiny", "quant": "F16"},
+                                                   "eval": ev}))
+
+
+def test_eval_against_other_run(tmp_path, tiny_llama, tiny_gguf):
+    """Run vs run: same test split -> a report-vs-OTHER/ with both sides' lineage; a different split -> one error."""
+    from ollama_ft.eval.against import eval_against
+
+    a = _fake_run(tmp_path / "a", tiny_llama, tiny_gguf, tiny_gguf)
+    b = _fake_run(tmp_path / "b", tiny_llama, tiny_gguf, tiny_gguf)
+    for r in (a, b):
+        _run_yaml(r)
+    out = eval_against(str(a.root), str(b.root))
+    assert out == a.root / "report-vs-b"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["comparison"] == "run vs run" and m["examples"] == 3
+    assert m["sides"]["base"]["label"] == "tuned (b)" and m["sides"]["tuned"]["label"] == "tuned (a)"
+    md = (out / "report.md").read_text()
+    assert "Lineage:" in md and "- tuned (b): run b (" in md and "- tuned (a): run a (" in md
+    assert (out / "report.html").is_file() and "## Drift by stage" not in md
+    for c in m["comparisons"].values():
+        assert c["test"]["mean_diff"] == pytest.approx(0.0, abs=1e-9)
+    # another test split: refused before any model runs, naming both hashes
+    test = b.root / "data" / "test.jsonl"
+    test.write_text(test.read_text().replace("the clinic opens at eight", "the clinic opens at nine"))
+    with pytest.raises(UserError) as e:
+        eval_against(str(a.root), str(b.root))
+    assert "different test splits" in e.value.message and "sha256" in e.value.message
+    with pytest.raises(UserError):
+        eval_against(str(a.root), str(a.root))
 
 
 def test_missing_tuned_quant_is_a_user_error(tmp_path, tiny_llama, tiny_gguf):

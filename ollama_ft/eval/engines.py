@@ -185,6 +185,11 @@ class LlamaCppEngine:
             lc.reset()
         return float(total), len(want)
 
+    def text_nll(self, text: str) -> tuple[float, int]:
+        """NLL (nats) of plain text, every token after the first scored (the forgetting check)."""
+        ids = self.llm.tokenize(text.encode("utf-8"), add_bos=self.add_bos, special=False)
+        return self.nll(ids, [-100] + list(ids[1:]))
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.llm.close()
@@ -250,6 +255,9 @@ class ContainedLlamaCppEngine:
 
     def nll(self, input_ids: list[int], labels: list[int]) -> tuple[float, int]:
         return self._w.call("nll", list(input_ids), list(labels))
+
+    def text_nll(self, text: str) -> tuple[float, int]:
+        return self._w.call("text_nll", text)
 
     def close(self) -> None:
         self._w.close()

@@ -6,7 +6,6 @@ corpus-level numbers (BLEU, chrF, distinct-n) are the headline values.
 
 from __future__ import annotations
 
-import math
 import re
 import string
 import unicodedata
@@ -149,10 +148,10 @@ def score_generations(preds: Sequence[str], refs: Sequence[str], hit_limit: Sequ
 
 
 def perplexity(nll_sum: float, n_tokens: int) -> float:
-    """exp(mean negative log-likelihood per token); inf-safe for JSON (None when no tokens)."""
-    if n_tokens <= 0:
-        return float("nan")
-    return float(math.exp(min(nll_sum / n_tokens, 700.0)))
+    """exp(mean negative log-likelihood per token), capped; NaN when no tokens (core/nll: the one definition)."""
+    from ..core.nll import perplexity as _perplexity
+
+    return _perplexity(nll_sum, n_tokens)
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -164,15 +163,17 @@ def _mean(xs: Sequence[float]) -> float:
 
 
 def paired_test(base: Sequence[float], tuned: Sequence[float], *, n_boot: int = 2000, seed: int = 0,
-                alpha: float = 0.05) -> dict[str, Any]:
-    """Compare tuned vs base on the same examples: d = tuned - base.
+                alpha: float = 0.05, binary: bool = False) -> dict[str, Any]:
+    """Compare tuned vs base on the same examples: d = tuned - base (all through scipy.stats).
 
-    - mean difference with a seeded paired-bootstrap percentile CI (resampling examples);
-    - bootstrap two-sided p: twice the smaller share of resampled means on either side of 0;
-    - Wilcoxon signed-rank p (scipy; zero differences dropped, 1.0 when all are zero);
+    - mean difference with a seeded paired-bootstrap percentile CI (`scipy.stats.bootstrap`, resampling examples);
+    - a sign-flip permutation p (`scipy.stats.permutation_test`, permutation_type="samples": exact when
+      2**n <= n_boot);
+    - the rank test p: exact McNemar (`scipy.stats.binomtest` on the discordant pairs) for 0/1 scores
+      (`binary`), else Wilcoxon signed-rank (zero differences dropped; 1.0 when all are zero);
     - effect sizes: Cohen's dz = mean(d)/sd(d), and the matched-pairs rank-biserial correlation.
-    `significant` means both agree: the (1-alpha) CI excludes 0 AND Wilcoxon p < alpha. The bootstrap
-    alone calls any constant shift significant, even on one or two examples; the rank test does not.
+    `significant` means both agree: the (1-alpha) CI excludes 0 AND the rank test's p < alpha. The
+    bootstrap alone calls any constant shift significant, even on one or two examples; the rank test does not.
     """
     a = np.asarray(base, dtype=float)
     b = np.asarray(tuned, dtype=float)
@@ -181,14 +182,11 @@ def paired_test(base: Sequence[float], tuned: Sequence[float], *, n_boot: int = 
     ok = np.isfinite(a) & np.isfinite(b)
     d = b[ok] - a[ok]
     n = int(d.size)
+    test_name = "exact McNemar" if binary else "Wilcoxon signed-rank"
     if n == 0:
-        return {"n": 0, "mean_diff": None, "ci_low": None, "ci_high": None, "p_bootstrap": None,
-                "p_wilcoxon": None, "cohens_dz": None, "rank_biserial": None, "significant": False}
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    boot = d[idx].mean(axis=1)
-    lo, hi = np.percentile(boot, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    p_boot = float(min(1.0, 2 * min((boot <= 0).mean(), (boot >= 0).mean())))
+        return {"n": 0, "mean_diff": None, "ci_low": None, "ci_high": None, "p_permutation": None,
+                "p": None, "test_name": test_name, "cohens_dz": None, "rank_biserial": None, "significant": False}
+    lo, hi, p_perm = _bootstrap_and_permutation(d, n_boot, seed, alpha)
     mean_d = float(d.mean())
     sd = float(d.std(ddof=1)) if n > 1 else 0.0
     if sd > 0:
@@ -196,21 +194,47 @@ def paired_test(base: Sequence[float], tuned: Sequence[float], *, n_boot: int = 
     else:
         dz = 0.0 if mean_d == 0 else None  # constant non-zero shift: dz undefined (infinite)
     nz = d[d != 0]
-    if nz.size == 0:
-        p_w, rbc = 1.0, 0.0
-    else:
-        from scipy.stats import rankdata, wilcoxon
+    from scipy.stats import binomtest, rankdata, wilcoxon
 
+    if nz.size == 0:
+        p_rank, rbc = 1.0, 0.0
+    else:
         ranks = rankdata(np.abs(nz))
         w_plus, w_minus = float(ranks[nz > 0].sum()), float(ranks[nz < 0].sum())
         rbc = (w_plus - w_minus) / (w_plus + w_minus)
-        p_w = float(wilcoxon(nz, zero_method="wilcox").pvalue)
-    lo, hi = float(lo), float(hi)
+        if binary:  # discordant pairs only: tuned right where base was wrong vs the reverse
+            p_rank = float(binomtest(int((nz > 0).sum()), int(nz.size), 0.5).pvalue)
+        else:
+            p_rank = float(wilcoxon(nz, zero_method="wilcox").pvalue)
     return {
-        "n": n, "mean_diff": mean_d, "ci_low": lo, "ci_high": hi, "p_bootstrap": p_boot,
-        "p_wilcoxon": p_w, "cohens_dz": dz, "rank_biserial": float(rbc),
-        "significant": bool((lo > 0 or hi < 0) and p_w < alpha),
+        "n": n, "mean_diff": mean_d, "ci_low": lo, "ci_high": hi, "p_permutation": p_perm,
+        "p": p_rank, "test_name": test_name, "cohens_dz": dz, "rank_biserial": float(rbc),
+        "significant": bool((lo > 0 or hi < 0) and p_rank < alpha),
     }
+
+
+def _bootstrap_and_permutation(d: np.ndarray, n_boot: int, seed: int, alpha: float) -> tuple[float, float, float]:
+    """(CI low, CI high, permutation p) of mean(d) with scipy.stats; a single example has no spread."""
+    import warnings
+
+    from scipy.stats import bootstrap, permutation_test
+
+    if d.size < 2:
+        m = float(d.mean())
+        return m, m, 1.0
+    if np.all(d == d[0]):  # scipy warns that the distribution is degenerate; the CI is the point
+        ci = (float(d[0]), float(d[0]))
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = bootstrap((d,), np.mean, n_resamples=n_boot, confidence_level=1 - alpha, method="percentile",
+                            random_state=np.random.default_rng(seed), vectorized=True)
+        ci = (float(res.confidence_interval.low), float(res.confidence_interval.high))
+    if not np.any(d):
+        return ci[0], ci[1], 1.0
+    perm = permutation_test((d,), np.mean, permutation_type="samples", n_resamples=n_boot,
+                            alternative="two-sided", random_state=np.random.default_rng(seed + 1), vectorized=True)
+    return ci[0], ci[1], float(min(1.0, perm.pvalue))
 
 
 def verdict(test: dict[str, Any], higher_is_better: bool | None) -> str:
@@ -233,13 +257,15 @@ GATE_LIMIT_MARGIN = 0.25  # tuned may hit the token limit at most 25 points more
 
 
 def gate(comparisons: dict[str, dict[str, Any]], base_hit_rate: float, tuned_hit_rate: float, *,
-         primary: str, enabled: bool = True, limit_margin: float = GATE_LIMIT_MARGIN) -> dict[str, Any]:
+         primary: str, enabled: bool = True, limit_margin: float = GATE_LIMIT_MARGIN,
+         extra_reasons: list[str | None] | None = None) -> dict[str, Any]:
     """Decide whether registration may proceed.
 
     Refuses when (1) the primary metric is significantly worse for the tuned model (its paired CI
     lies entirely on the wrong side of 0), or (2) the tuned model runs into the token limit more
     often than the base by more than `limit_margin` (absolute share) AND that increase is
-    significant (the paired CI of the per-example hit indicator lies above 0).
+    significant (the paired CI of the per-example hit indicator lies above 0), or (3) a check outside
+    the paired metrics refuses (`extra_reasons`, e.g. general-text perplexity rose past its limit).
     """
     if not enabled:
         return {"passed": True, "reason": "gate disabled (eval.gate: false)", "primary": primary}
@@ -253,6 +279,7 @@ def gate(comparisons: dict[str, dict[str, Any]], base_hit_rate: float, tuned_hit
     if tuned_hit_rate - base_hit_rate > limit_margin and (hit is None or hit["test"].get("significant")):
         reasons.append(f"the tuned model runs into the token limit in {tuned_hit_rate:.0%} of answers vs "
                        f"{base_hit_rate:.0%} for the base (more than {limit_margin:.0%} points more: rambling)")
+    reasons += [r for r in (extra_reasons or []) if r]
     if reasons:
         return {"passed": False, "reason": "; ".join(reasons), "primary": primary}
     p = f"{cmp['label']}: {cmp['verdict']}" if cmp else f"{primary}: not measured"
