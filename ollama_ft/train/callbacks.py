@@ -1,11 +1,13 @@
 """Trainer callbacks of the train stage: best adapter + early stopping, and Ctrl-C as "checkpoint, stop".
 
-Why not transformers' EarlyStoppingCallback: it requires `load_best_model_at_end=True`, which needs
-save_strategy == eval_strategy with save_steps a multiple of eval_steps, and keeps the best *checkpoint*
-(adapter + optimizer state + RNG, 3x the adapter with AdamW) out of rotation. Here the best adapter alone
-is saved at every improving evaluation, whatever the checkpoint cadence, and patience is counted from
-TrainerState.log_history, which checkpoints save, so it survives a resume
-(test_early_stopping_keeps_best_adapter, test_interrupt_then_resume_matches_uninterrupted_run).
+Why not transformers' EarlyStoppingCallback (checked against 5.24): it counts patience only, against
+state.best_metric, which the Trainer updates itself only with metric_for_best_model set; keeping the
+best *adapter* would still need load_best_model_at_end, which requires save_steps to be a multiple of
+eval_steps and keeps a whole best checkpoint (optimizer state included: 3x the adapter with AdamW) out
+of rotation. Here the best adapter alone is saved at every improving evaluation, whatever the
+checkpoint cadence, and patience is counted from TrainerState.log_history, which checkpoints save, so
+it survives a resume (test_early_stopping_keeps_best_adapter,
+test_interrupt_then_resume_matches_uninterrupted_run).
 """
 
 from __future__ import annotations
