@@ -43,7 +43,7 @@ def train_all(cfg: RunConfig, base_dir: Path, data_dir: Path, out: Path, checkpo
               init_adapter: Path | None = None, stage_data: dict[str, Path] | None = None, *, show: bool = True,
               extra_callbacks: list | None = None) -> dict:
     """The whole training of a run in this process: one train_process, or one per stage."""
-    from .stage import train_process
+    from .process import train_process
 
     if not cfg.stages:
         return train_process(cfg, base_dir, data_dir, out, checkpoints_dir, resume, show=show,
