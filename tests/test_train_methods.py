@@ -68,6 +68,9 @@ def test_layer_list_and_attention_preset(tiny_llama):
     keys = _adapter_keys(load_model(cfg, tiny_llama, "cpu", torch.float32))
     assert all(".layers.0." in k for k in keys)
     assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in keys} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    cfg.lora.target_modules = "all-linear"  # with limited layers: the decoder's linear names (peft needs a list)
+    keys = _adapter_keys(load_model(cfg, tiny_llama, "cpu", torch.float32))
+    assert all(".layers.0." in k for k in keys) and len(keys) == 2 * 7
     cfg.lora.layers = [0, 7]
     with pytest.raises(UserError, match=r"layers 0\.\.1, not \[7\]"):
         load_model(cfg, tiny_llama, "cpu", torch.float32)

@@ -95,11 +95,15 @@ def _linear_names(model) -> set[str]:
             if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}."}
 
 
-def resolve_targets(targets: list[str] | str, model) -> list[str] | str:
-    """lora.target_modules -> what peft gets: all-linear as is, a preset as the names this model has."""
-    if targets == "all-linear" or isinstance(targets, list):
+def resolve_targets(targets: list[str] | str, model, limited_layers: bool = False) -> list[str] | str:
+    """lora.target_modules -> what peft gets: a preset as the names this model has; all-linear as is, or,
+    with lora.layers limited, as the decoder layers' linear names (peft refuses layers_to_transform
+    with a string target)."""
+    if isinstance(targets, list):
         return targets
     have = _linear_names(model)
+    if targets == "all-linear":
+        return sorted(have) if limited_layers else targets
     names = sorted(n for n in TARGET_PRESETS[targets] if n in have)
     if not names:
         raise UserError(f"lora.target_modules={targets}: none of {', '.join(TARGET_PRESETS[targets])} is a "
@@ -117,7 +121,7 @@ def lora_config(cfg: RunConfig, model):
     n_layers = int(getattr(model.config.get_text_config(), "num_hidden_layers", 0) or 0)
     layers = resolve_layers(cfg.lora.layers, n_layers) if n_layers else None
     return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=resolve_targets(cfg.lora.target_modules, model), bias="none",
+                      target_modules=resolve_targets(cfg.lora.target_modules, model, layers is not None), bias="none",
                       task_type="CAUSAL_LM", layers_to_transform=layers,
                       modules_to_save=list(cfg.lora.modules_to_save) or None)
 

@@ -1,0 +1,90 @@
+"""Training methods of issue 17 on the demo model: trainable parameters, tokens/s and peak RSS per method.
+
+Every variant is the demo config (Gemma 3 270M QLoRA, configs/demo.yaml) on the demo run's base/ and
+data/ with one change, trained for the same few steps, each in its own subprocess (its own peak RSS);
+ratios are against the unchanged config measured in the same run. Needs `make demo` (or
+`ollama-ft train configs/demo.yaml --until data`) first.
+
+    .venv/bin/python bench/train_methods.py [--steps 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out" / "train_methods"
+VARIANTS = {
+    "baseline (all layers, all-linear)": [],
+    "lora.layers: last 4": ["lora.layers=last 4"],
+    "lora.target_modules: attention": ["lora.target_modules=attention"],
+    "lora.target_modules: mlp": ["lora.target_modules=mlp"],
+    "training.label_smoothing: 0.1": ["training.label_smoothing=0.1"],
+}  # LoRA+ and the cosine floor change rates only, not the work per step: not measured here
+
+
+def child(overrides: list[str], steps: int) -> dict:
+    from ollama_ft.core.config import load_config
+    from ollama_ft.train.stage import train_process
+
+    fixed = [f"training.max_steps={steps}", "training.save_steps=1000", "training.eval_steps=1000",
+             "training.patience=null", "training.warmup_ratio=0"]
+    cfg = load_config(ROOT / "configs" / "demo.yaml", fixed + overrides).config
+    run = ROOT / "runs" / "demo"
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        info = train_process(cfg, run / "base", run / "data", Path(tmp) / "a", Path(tmp) / "ck", False, show=False)
+        seconds = time.perf_counter() - t0
+    return {"trainable": info["trainable_parameters"], "tokens_per_s": info["tokens_per_s"],
+            "final_train_loss": info["final_train_loss"], "eval_loss": info["best_eval_loss"],
+            "seconds": round(seconds, 1),
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--child", default=None)
+    a = ap.parse_args()
+    if a.child is not None:
+        print("RESULT " + json.dumps(child(json.loads(a.child), a.steps)))
+        return 0
+    if not (ROOT / "runs" / "demo" / "data" / "train.parquet").is_file():
+        sys.exit("needs runs/demo/base and runs/demo/data: run `ollama-ft train configs/demo.yaml --until data`")
+    results = {}
+    for name, overrides in VARIANTS.items():
+        p = subprocess.run([sys.executable, __file__, "--steps", str(a.steps), "--child", json.dumps(overrides)],
+                           capture_output=True, text=True, cwd=ROOT)
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        if p.returncode != 0 or not line:
+            print(p.stderr[-3000:], file=sys.stderr)
+            sys.exit(f"{name}: failed")
+        results[name] = json.loads(line[-1][7:])
+        print(name, results[name], flush=True)
+    base = results["baseline (all layers, all-linear)"]
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    rows = ["| method | trainable params | vs baseline | tokens/s | vs baseline | peak RSS GB | train loss "
+            f"(step {a.steps}) |", "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        rows.append(f"| {name} | {r['trainable']:,} | {r['trainable'] / base['trainable']:.2f}x | "
+                    f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
+                    f"{r['peak_rss_gb']:.2f} | {r['final_train_loss']:.3f} |")
+    table = "\n".join(rows)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "results.json").write_text(json.dumps({"cpu": cpu, "steps": a.steps, "results": results}, indent=2))
+    print(f"\nCPU: {cpu} ({subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} threads), "
+          f"{a.steps} steps of the demo config each\n{table}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
