@@ -343,13 +343,14 @@ def settings_from_config(cfg, device: str = "cuda", dims: ModelDims | None = Non
     t = cfg.training
     layers = resolve_layers(cfg.lora.layers, dims.layers) if dims is not None else None
     shards = t.nproc * t.nnodes if t.distributed == "fsdp" else 1
+    rank = _continued_rank(cfg) or cfg.lora.r
     micro, accum, _ = resolve_batching(t.batch_size, t.micro_batch_size, t.nproc)
     opt = cfg.optimizer.name
     if opt == "auto":
         opt = "paged_adamw_8bit" if device == "cuda" else "adamw"
     targets = cfg.lora.target_modules
     return PlanSettings(
-        seq_len=cfg.data.max_length, micro_batch=micro, accumulation=accum, lora_r=cfg.lora.r,
+        seq_len=cfg.data.max_length, micro_batch=micro, accumulation=accum, lora_r=rank,
         lora_targets=targets if isinstance(targets, str) else tuple(targets), lora_dropout=cfg.lora.dropout,
         load_in_4bit=cfg.load_in_4bit,
         compute_bytes=4 if _compute_dtype_name(cfg, device) == "float32" else 2,
@@ -357,6 +358,21 @@ def settings_from_config(cfg, device: str = "cuda", dims: ModelDims | None = Non
         loss="chunked", loss_chunk=t.loss_chunk_size, device=device,
         adapted_layers=tuple(layers) if layers is not None else None,
         modules_to_save=tuple(cfg.lora.modules_to_save), shards=shards)
+
+
+def _continued_rank(cfg) -> int | None:
+    """The rank of the adapter a --from-adapter run continues (it keeps its own), when readable."""
+    import json
+
+    ref = cfg.training.from_adapter
+    if not ref:
+        return None
+    for d in (Path(cfg.runs_dir) / ref, Path(ref)):
+        try:
+            return int(json.loads((d / "adapter" / "adapter_config.json").read_text())["r"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def _trainable_line(d: ModelDims, s: PlanSettings) -> str:
