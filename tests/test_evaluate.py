@@ -515,12 +515,18 @@ def test_eval_on_gemma_270m(tmp_path, gemma_gguf):
         run.record(stage, {})
     from ollama_ft.core.config import RunConfig
 
-    cfg = RunConfig(name="g", ollama={"name": "g", "quant": "Q4_K_M"},
+    cfg = RunConfig(name="g", ollama={"name": "g", "quant": "Q4_K_M"}, data={"path": str(sample)},
                     eval={"max_examples": 3, "max_new_tokens": 16, "drift": False, "bootstrap_samples": 500})
     out = tmp_path / "report"
     out.mkdir()
     info = build_report(cfg, run, out)
     m = json.loads((out / "metrics.json").read_text())
+    # the new sections: key facts from the sample's own "facts", general-text perplexity before/after
+    md = (out / "report.md").read_text()
+    assert m["facts_source"] == "the data file's \"facts\"" and m["per_example"][0]["facts"] == recs[0]["facts"]
+    assert "## Key facts" in md and "## Forgetting check (general-text perplexity)" in md
+    assert 1 < m["general"]["base_perplexity"] < 1000 and m["general"]["increase"] == pytest.approx(0.0)
+    assert "Picked by a fixed rule" in md and (out / "report.html").is_file()
     for side in ("base", "tuned"):
         assert 1 < m[side]["corpus"]["perplexity"] < 1000
         assert m[side]["tokens_per_second"] > 1
