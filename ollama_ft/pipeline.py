@@ -315,8 +315,12 @@ def _show_example(run: Run) -> None:
     if not ex:
         return
     ui.out.print("\n[bold]A held-out test question[/]")
+    if ex.get("rule"):
+        ui.out.print(f"  picked:    {ex['rule']}", markup=False)
     ui.out.print(f"  question:  {ex.get('question', '')}", markup=False)
     ui.out.print(f"  reference: {ex.get('reference', '')}", markup=False)
+    if ex.get("facts"):
+        ui.out.print(f"  key facts: {', '.join(ex['facts'])}", markup=False)
     ui.out.print(f"  base:      {str(ex.get('base', '')).strip()[:300]}", markup=False)
     ui.out.print(f"  tuned:     {str(ex.get('tuned', '')).strip()[:300]}", markup=False)
     summary = e["info"].get("summary")
