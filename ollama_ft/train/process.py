@@ -19,6 +19,7 @@ from typing import Any
 from ..core import ui
 from ..core.config import RunConfig
 from ..core.errors import UserError
+from ..core.nll import perplexity_of_mean
 from .checkpoints import BEST_DIR, fingerprint, newest_checkpoint, prepare_checkpoints
 from .model import (
     compute_choice,
@@ -240,7 +241,7 @@ def _write_outputs(cfg, s: _Setup, trainer, best_cb, metrics_cb, params, checkpo
         # The schedule's value at the last step (cosine_with_min_lr reaches the floor there).
         "final_learning_rate": trainer.lr_scheduler.get_last_lr()[0] if trainer.lr_scheduler else None,
         "best_eval_loss": best_loss,
-        "best_eval_perplexity": math.exp(min(best_loss, 50.0)) if best_loss is not None else None,
+        "best_eval_perplexity": perplexity_of_mean(best_loss) if best_loss is not None else None,
         "best_step": chosen.get("step"),
         "stopped_early": best_cb.stopped_early,
         "tokens_per_s": round(metrics_cb.tokens_per_s, 2),

@@ -14,12 +14,12 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 from ..core.config import RunConfig
+from ..core.nll import perplexity_of_mean
 
 
 def parameter_groups(model, cfg: RunConfig) -> list[dict[str, Any]]:
@@ -217,7 +217,7 @@ def trainer_class():
                 model.train()
             loss = float(total[0] / total[1].clamp(min=1))
             metrics = {f"{metric_key_prefix}_loss": loss,
-                       f"{metric_key_prefix}_perplexity": math.exp(min(loss, 50.0)),
+                       f"{metric_key_prefix}_perplexity": perplexity_of_mean(loss),
                        f"{metric_key_prefix}_tokens": int(total[1]),
                        f"{metric_key_prefix}_runtime": round(time.perf_counter() - start, 3)}
             self.log(metrics)
