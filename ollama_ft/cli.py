@@ -142,7 +142,7 @@ def pull(
     dry_run: Annotated[bool, typer.Option(help="Only report what would be pulled")] = False,
 ) -> None:
     """Fetch a base model and report architecture, size, licence, chat template and runtime support."""
-    from .base.sources import pull_command
+    from .base.stage import pull_command
 
     pull_command(spec, out=out, revision=revision, trust_remote_code=trust_remote_code, dry_run=dry_run)
 
@@ -249,7 +249,7 @@ def modelfile(
 
     overrides = [f"ollama.name={name}"] if name else []
     if check:
-        from .ollama.modelfile import check_run_command
+        from .ollama.stage import check_run_command
 
         check_run_command(run)
         return
@@ -289,7 +289,7 @@ def run_model(
     host: Annotated[str | None, typer.Option(help="Ollama URL")] = None,
 ) -> None:
     """Chat once with a model: through Ollama, or locally on the GGUF with --local."""
-    from .ollama.api import run_command
+    from .ollama.run import run_command
 
     run_command(name, prompt, local=local, system=system, max_tokens=max_tokens, host=host)
 

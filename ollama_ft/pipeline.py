@@ -59,7 +59,7 @@ def stage_settings(cfg: RunConfig, stage: str) -> dict[str, Any]:
 def _build(stage: str, run: Run, cfg: RunConfig, *, resume: bool = True, gate_force: bool = False):
     """Return the build(tmp_dir) callable for a stage. Imports are lazy: torch only when needed."""
     if stage == "pull":
-        from .base.sources import build_base
+        from .base.stage import build_base
 
         return lambda out: build_base(cfg, out)
     if stage == "data":
@@ -90,7 +90,7 @@ def _build(stage: str, run: Run, cfg: RunConfig, *, resume: bool = True, gate_fo
 
         return lambda out: build_gguf(cfg, run, run.require("merge"), out)
     if stage == "modelfile":
-        from .ollama.modelfile import build_modelfile
+        from .ollama.stage import build_modelfile
 
         return lambda out: build_modelfile(cfg, run, out)
     if stage == "eval":

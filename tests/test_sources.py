@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from ollama_ft.base import sources
+from ollama_ft.base import hub, sources
+from ollama_ft.base import stage as base_stage
 from ollama_ft.core.config import ModelSettings, RunConfig
 from ollama_ft.core.errors import UserError
+from ollama_ft.core.files import BASE_META
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +41,7 @@ def _cfg(base: str, **model) -> RunConfig:
 
 
 def _meta(out: Path) -> dict:
-    return json.loads((out / sources.BASE_META).read_text())
+    return json.loads((out / BASE_META).read_text())
 
 
 def _logits(model_dir: Path, ids: list[int]):
@@ -140,7 +142,7 @@ def test_hf_repo_download_links_files_and_keeps_token_secret(tmp_path, fake_hub,
     secret = "hf_secret_token_value_1234567890"
     monkeypatch.setenv("HF_TOKEN", secret)
     out = tmp_path / "base"
-    info = sources.build_base(_cfg("someone/tiny-llama@0123456789abcdef0123456789abcdef01234567"), out)
+    info = base_stage.build_base(_cfg("someone/tiny-llama@0123456789abcdef0123456789abcdef01234567"), out)
     call = fake_hub[0]
     assert call["repo_id"] == "someone/tiny-llama" and call["revision"] == "0123456789abcdef0123456789abcdef01234567"
     assert call["token"] == secret
@@ -162,7 +164,7 @@ def test_hf_repo_download_links_files_and_keeps_token_secret(tmp_path, fake_hub,
 
 
 def test_hf_without_token_does_not_read_stored_tokens(tmp_path, fake_hub):
-    sources.build_base(_cfg("someone/tiny-llama"), tmp_path / "base")
+    base_stage.build_base(_cfg("someone/tiny-llama"), tmp_path / "base")
     assert fake_hub[0]["token"] is False
     assert fake_hub[0]["local_files_only"] is True  # HF_HUB_OFFLINE=1 in tests: the cache only, no retries
 
@@ -176,7 +178,7 @@ def test_hf_offline_is_a_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(UserError) as ei:
-        sources.build_base(_cfg("someone/tiny-llama"), tmp_path / "base")
+        base_stage.build_base(_cfg("someone/tiny-llama"), tmp_path / "base")
     assert "not reachable" in ei.value.message and "gemma3:270m" in ei.value.hint
 
 
@@ -191,7 +193,7 @@ def test_hf_gated_repo_explains_the_token(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
     with pytest.raises(UserError) as ei:
-        sources.build_base(_cfg("llama3.1:8b"), tmp_path / "base")
+        base_stage.build_base(_cfg("llama3.1:8b"), tmp_path / "base")
     assert "gated" in ei.value.message and "HF_TOKEN" in ei.value.hint
 
 
@@ -201,7 +203,7 @@ def test_hf_gated_repo_explains_the_token(tmp_path, monkeypatch):
 
 def test_local_hf_dir_is_linked_with_template_and_metadata(tmp_path, tiny_llama):
     out = tmp_path / "base"
-    info = sources.build_base(_cfg(str(tiny_llama)), out)
+    info = base_stage.build_base(_cfg(str(tiny_llama)), out)
     meta = _meta(out)
     assert meta["source_kind"] == "local_dir" and meta["architecture"] == "LlamaForCausalLM"
     assert meta["family"] == "chatml" and meta["chat_template_source"] == "chat_template.jinja"
@@ -230,10 +232,10 @@ def test_trust_remote_code_is_off_by_default(tmp_path, tiny_llama):
     (custom / "config.json").write_text(json.dumps(cfg))
     (custom / "modeling_tiny.py").write_text("raise SystemExit('remote code ran')\n")
     with pytest.raises(UserError) as ei:
-        sources.build_base(_cfg(str(custom)), tmp_path / "base")
+        base_stage.build_base(_cfg(str(custom)), tmp_path / "base")
     assert "own Python code" in ei.value.message and "trust_remote_code" in ei.value.hint
     # Opting in copies the code along (loading it stays with transformers).
-    sources.build_base(_cfg(str(custom), trust_remote_code=True), tmp_path / "base2")
+    base_stage.build_base(_cfg(str(custom), trust_remote_code=True), tmp_path / "base2")
     assert (tmp_path / "base2" / "modeling_tiny.py").is_file()
     assert not (tmp_path / "base" / "modeling_tiny.py").exists()
 
@@ -244,7 +246,7 @@ def test_pickled_weights_are_refused(tmp_path, tiny_llama):
     shutil.copy2(tiny_llama / "config.json", d / "config.json")
     (d / "pytorch_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(UserError, match="no \\*.safetensors"):
-        sources.build_base(_cfg(str(d)), tmp_path / "base")
+        base_stage.build_base(_cfg(str(d)), tmp_path / "base")
 
 
 def test_only_needed_files_are_taken(tmp_path):
@@ -253,9 +255,9 @@ def test_only_needed_files_are_taken(tmp_path):
     for name in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer.model", "consolidated.safetensors",
                  "original/params.json", "pytorch_model.bin", "modeling_x.py", "README.md", "LICENSE", "photo.png"]:
         (d / name).write_text("x")
-    got = {p.as_posix() for p in sources._hf_files(d, trust_remote_code=False)}
+    got = {p.as_posix() for p in hub._hf_files(d, trust_remote_code=False)}
     assert got == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer.model", "README.md", "LICENSE"}
-    assert "modeling_x.py" in {p.as_posix() for p in sources._hf_files(d, trust_remote_code=True)}
+    assert "modeling_x.py" in {p.as_posix() for p in hub._hf_files(d, trust_remote_code=True)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -264,7 +266,7 @@ def test_only_needed_files_are_taken(tmp_path):
 
 def test_local_gguf_is_dequantized_with_matching_logits(tmp_path, tiny_llama, tiny_f32_gguf):
     out = tmp_path / "base"
-    sources.build_base(_cfg(str(tiny_f32_gguf)), out)
+    base_stage.build_base(_cfg(str(tiny_f32_gguf)), out)
     meta = _meta(out)
     from ollama_ft.core.runs import sha256_file
 
@@ -304,14 +306,14 @@ def test_ollama_store_model_is_read_through_its_manifest(tmp_path, tiny_f32_gguf
     assert r.kind == "ollama" and r.path == store.blob_path(model)
     assert sources.resolve("tiny-local:v1").kind == "ollama"  # a bare name found in the store
     out = tmp_path / "base"
-    sources.build_base(_cfg("ollama://tiny-local:v1"), out)
+    base_stage.build_base(_cfg("ollama://tiny-local:v1"), out)
     meta = _meta(out)
     assert meta["source_kind"] == "ollama" and meta["gguf_source"]["ollama_model"] == "tiny-local:v1"
     assert meta["gguf_source"]["sha256"] == model.split(":", 1)[1]
     assert (out / "model.safetensors").is_file() and meta["architecture"] == "LlamaForCausalLM"
     # The dequantized model is cached by digest and linked, not rebuilt: a second pull is a link.
     out2 = tmp_path / "base2"
-    sources.build_base(_cfg("ollama://tiny-local:v1"), out2)
+    base_stage.build_base(_cfg("ollama://tiny-local:v1"), out2)
     assert os.stat(out / "model.safetensors").st_ino == os.stat(out2 / "model.safetensors").st_ino
 
     with pytest.raises(UserError) as ei:
@@ -327,7 +329,7 @@ def test_dry_run_reports_without_downloading(capsys, monkeypatch):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("downloaded"))
-    info = sources.pull_command("deepseek:7b", dry_run=True)
+    info = base_stage.pull_command("deepseek:7b", dry_run=True)
     text = capsys.readouterr()
     out = text.out + text.err
     for s in ("Qwen2ForCausalLM", "7.6B", "MIT", "deepseek-r1-distill", "916b56a44061", "verified commit",
@@ -350,14 +352,14 @@ def test_too_small_disk_is_refused_with_numbers(tmp_path, monkeypatch, capsys):
     Usage = namedtuple("Usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10 << 30, (10 << 30) - (5 << 20), 5 << 20))
     with pytest.raises(UserError) as ei:
-        sources.pull_command("qwen2.5:7b", out=tmp_path / "pulled")
+        base_stage.pull_command("qwen2.5:7b", out=tmp_path / "pulled")
     msg = ei.value.message
     assert "not enough disk space" in msg and "15.1 GB" in msg and "5.0 MB free" in msg
     assert not (tmp_path / "pulled").exists()
     # The stage refuses too, and a dry run only reports it.
     with pytest.raises(UserError, match="not enough disk space"):
-        sources.build_base(_cfg("qwen2.5:7b"), tmp_path / "base")
-    sources.pull_command("qwen2.5:7b", dry_run=True)
+        base_stage.build_base(_cfg("qwen2.5:7b"), tmp_path / "base")
+    base_stage.pull_command("qwen2.5:7b", dry_run=True)
     assert "TOO SMALL" in capsys.readouterr().out
 
 
@@ -372,7 +374,7 @@ def test_embedded_gemma_becomes_a_loadable_hf_dir_with_chat_template(tmp_path, m
     # The user cache, so repeated runs reuse the dequantized model (about a minute the first time).
     monkeypatch.delenv("OLLAMA_FT_CACHE", raising=False)
     out = tmp_path / "base"
-    info = sources.build_base(RunConfig(), out)  # the default config's base is gemma3:270m
+    info = base_stage.build_base(RunConfig(), out)  # the default config's base is gemma3:270m
     meta = _meta(out)
     assert meta["source_kind"] == "embedded" and meta["catalog_name"] == "gemma3:270m"
     assert meta["architecture"] == "Gemma3ForCausalLM" and meta["dtype"] == "bfloat16"
@@ -398,16 +400,16 @@ def test_embedded_gemma_becomes_a_loadable_hf_dir_with_chat_template(tmp_path, m
 
 def test_pull_command_writes_out_atomically_and_refuses_foreign_dirs(tmp_path, tiny_llama, capsys):
     out = tmp_path / "pulled"
-    meta = sources.pull_command(str(tiny_llama), out=out)
+    meta = base_stage.pull_command(str(tiny_llama), out=out)
     assert _meta(out)["source_kind"] == "local_dir" and meta["architecture"] == "LlamaForCausalLM"
     assert "model.base" in capsys.readouterr().out  # tells the user how to use it
-    sources.pull_command(str(tiny_llama), out=out)  # a second pull replaces its own output
+    base_stage.pull_command(str(tiny_llama), out=out)  # a second pull replaces its own output
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(UserError, match="not a directory written by"):
-        sources.pull_command(str(tiny_llama), out=foreign)
+        base_stage.pull_command(str(tiny_llama), out=foreign)
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
@@ -432,6 +434,6 @@ def test_pull_stage_in_the_pipeline_is_skipped_when_done(tmp_path, tiny_llama):
     overrides = [f"model.base={tiny_llama}", f"runs_dir={tmp_path / 'runs'}", "name=t"]
     run = run_pipeline(None, overrides, until="pull")
     entry = run.entry("pull")
-    assert entry["info"]["source_kind"] == "local_dir" and (run.root / "base" / sources.BASE_META).is_file()
+    assert entry["info"]["source_kind"] == "local_dir" and (run.root / "base" / BASE_META).is_file()
     run_pipeline(None, overrides, until="pull")
     assert run.entry("pull")["started"] == entry["started"]  # same fingerprint: not redone

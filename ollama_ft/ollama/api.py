@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from ..core import ui
 from ..core.errors import UserError
 from ..core.files import human_bytes
 from ..core.names import ModelName, parse_name
+from .compat import gguf_template_override_risk, refuse_newer_parameters, refuse_unloadable_adapters
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 DEFAULT_PORT = 11434
@@ -183,7 +183,7 @@ def load_create_request(modelfile_path: Path) -> tuple[dict[str, Any], dict[str,
 
 def _check_gguf_blobs(run, local: dict[str, Path]) -> None:
     """Refuse GGUFs that are damaged (structure check) or differ from what the export stage verified."""
-    from ..export.gguf import verify_gguf_file
+    from ..core.gguf_meta import check_gguf
 
     exported = {}
     e = run.entry("export")
@@ -193,7 +193,7 @@ def _check_gguf_blobs(run, local: dict[str, Path]) -> None:
     for digest, path in local.items():
         if not str(path).endswith(".gguf"):
             continue
-        verify_gguf_file(path, load=False)
+        check_gguf(path)
         want = exported.get(str(Path(path).resolve()))
         if want and digest.split(":", 1)[-1] != want:
             raise UserError(f"{path} changed since the export stage verified it (sha256 {digest[7:19]}… "
@@ -229,7 +229,7 @@ def register_run(cfg, run, host: str, gate_force: bool = False) -> dict[str, Any
                         hint=f"run `ollama-ft modelfile {run.root} --force` to write it again")
     req, local = load_create_request(modelfile_path)
     _check_gguf_blobs(run, local)  # a truncated or corrupted GGUF is never registered
-    override = _gguf_template_override_risk(req, local)
+    override = gguf_template_override_risk(req, local)
 
     http = httpx.Client(base_url=host, timeout=httpx.Timeout(30.0, read=600.0, write=600.0))
     client = ollama.Client(host=host, timeout=httpx.Timeout(30.0, read=600.0))
@@ -272,87 +272,12 @@ def register_run(cfg, run, host: str, gate_force: bool = False) -> dict[str, Any
     }
 
 
-# Architectures Ollama v0.24.0 runs on its Go engine (fs/ggml/ggml.go OllamaEngineRequired), whose runner
-# refuses LoRA adapters at load ("loras are not yet implemented"), although /api/create accepts them.
-GO_ENGINE_ARCHITECTURES = frozenset({
-    "bert", "deepseek2", "deepseekocr", "gemma3", "gemma3n", "gemma4", "gptoss", "gpt-oss", "laguna", "llama4",
-    "mistral3", "mllama", "nemotron_h", "nemotron_h_moe", "nemotron_h_omni", "nomic-bert", "olmo3", "qwen25vl",
-    "qwen3", "qwen3moe", "qwen35", "qwen35moe", "qwen3next", "qwen3vl", "qwen3vlmoe", "glm4moelite", "glmocr",
-    "lfm2", "lfm2moe"})
-
-
 def _server_version(http) -> str | None:
     try:
         r = http.get("/api/version")
         return str(r.json().get("version")) if r.status_code == 200 else None
     except Exception:  # an old server without /api/version: nothing to gate on
         return None
-
-
-# PARAMETERs that older servers refuse at create ("unknown parameter"): the first version that takes them
-# (read from api/types.go: v0.24.0 lacks draft_num_predict, v0.30 has it).
-PARAMETER_SINCE = {"draft_num_predict": (0, 30, 0)}
-
-
-def _version_tuple(version: str | None) -> tuple[int, ...] | None:
-    parts = re.findall(r"\d+", (version or "").split("-")[0])[:3]
-    return tuple(int(p) for p in parts) if parts else None
-
-
-def refuse_newer_parameters(req: dict[str, Any], version: str | None) -> None:
-    """Stop before any upload when the Modelfile sets a PARAMETER the server's version does not know."""
-    have = _version_tuple(version)
-    if have is None:
-        return  # unknown version: the server itself reports what it refuses
-    newer = {k: v for k, v in PARAMETER_SINCE.items() if k in (req.get("parameters") or {}) and have < v}
-    if newer:
-        names = ", ".join(f"{k} (Ollama >= {'.'.join(map(str, v))})" for k, v in newer.items())
-        raise UserError(f"Ollama {version} does not know PARAMETER {names}; nothing was uploaded",
-                        hint="remove it from ollama.parameters, or upgrade Ollama")
-
-
-def refuse_unloadable_adapters(req: dict[str, Any], local: dict[str, Path], version: str | None) -> None:
-    """ADAPTER on a base the server cannot combine with a LoRA: stop before any upload, say why and what
-    works instead (register the merged model, the default)."""
-    if not req.get("adapters"):
-        return
-    from .store import gguf_facts
-
-    for rel, digest in (req.get("files") or {}).items():
-        path = local.get(digest)
-        if path is None or not rel.endswith(".gguf"):
-            continue
-        try:
-            arch = gguf_facts(path).get("architecture")
-        except Exception:  # unreadable: _check_gguf_blobs / the server report it
-            continue
-        if arch in GO_ENGINE_ARCHITECTURES:
-            raise UserError(
-                f"Ollama {version or '(unknown version)'} cannot load a LoRA ADAPTER on a {arch} model: its Go "
-                "engine refuses adapters at load (\"loras are not yet implemented\", read from v0.24.0), although "
-                "create would accept it; nothing was uploaded",
-                hint="register the merged model instead (the default: FROM the run's merged GGUF, no ADAPTER)")
-
-
-def _gguf_template_override_risk(req: dict[str, Any], local: dict[str, Path]) -> list[str]:
-    from .capabilities import jinja_override_reasons
-    from .store import gguf_facts
-
-    for rel, digest in (req.get("files") or {}).items():
-        path = local.get(digest)
-        if not rel.endswith(".gguf") or path is None:
-            continue
-        try:
-            jinja = gguf_facts(path).get("chat_template")
-        except Exception:  # unreadable metadata: Ollama itself will report the file
-            continue
-        reasons = jinja_override_reasons(jinja, req.get("template"))
-        if reasons:
-            ui.warn(f"{path.name} carries a chat template with {' and '.join(reasons)} that the TEMPLATE lacks; "
-                    "Ollama v0.30+ may then use the GGUF's template instead. Set OLLAMA_GO_TEMPLATE=1 on the "
-                    "server, or re-export the GGUF with the training template")
-        return reasons
-    return []
 
 
 def _sync_blobs(http, local: dict[str, Path], host: str, name: ModelName, modelfile_path: Path) -> tuple[int, bool]:
@@ -625,115 +550,3 @@ def chat_once(host: str, model: str, messages: list[dict[str, str]], options: di
         "eval_duration_ns": r.eval_duration,
         "total_duration_ns": r.total_duration,
     }
-
-
-# -------------------------------------------------------------------------------------------
-# ollama-ft run
-
-
-def run_command(name: str, prompt: str, local: bool = False, system: str | None = None,
-                max_tokens: int = 256, host: str | None = None) -> str:
-    """Chat once: through Ollama (streaming tokens to stdout), or on the run's GGUF with --local."""
-    if local:
-        return _run_local(name, prompt, system, max_tokens)
-    import httpx
-    import ollama
-
-    host = resolve_host(host)
-    model = parse_name(name).display
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    client = ollama.Client(host=host, timeout=httpx.Timeout(30.0, read=600.0))
-    pieces = []
-    try:
-        for part in client.chat(model=model, messages=messages, stream=True, options={"num_predict": max_tokens}):
-            piece = part.message.content or ""
-            pieces.append(piece)
-            ui.out.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
-        ui.out.print()
-    except (httpx.ConnectError, httpx.ConnectTimeout, ConnectionError):
-        raise UserError(f"cannot connect to Ollama at {host}",
-                        hint=f"start it with `ollama serve`, or run the GGUF without Ollama: "
-                             f"`ollama-ft run RUN \"{prompt[:20]}\" --local`") from None
-    except ollama.ResponseError as e:
-        if e.status_code == 404:
-            raise UserError(f"model {model!r} is not in Ollama at {host}",
-                            hint=f"register it with `ollama-ft register RUN --name {name}`, or list models with `ollama list`") from None
-        raise UserError(f"Ollama failed to chat with {model} (HTTP {e.status_code}): {e.error}") from None
-    finally:
-        client._client.close()
-    return "".join(pieces)
-
-
-def _run_local(run_ref: str, prompt: str, system: str | None, max_tokens: int) -> str:
-    """Run the run's GGUF with llama-cpp-python, prompting as Ollama would.
-
-    With the run's Modelfile, the prompt is rendered from its TEMPLATE by Go's own text/template
-    (Ollama's data model) and its stop parameters apply; without Go or a Modelfile it falls back to
-    the GGUF's embedded jinja chat template, which the export stage keeps equal to the training one.
-    """
-    from ..core.runs import Run
-
-    run = Run.open(run_ref)
-    gguf = _pick_gguf(run)
-    template, stops, mf_system = None, [], None
-    mf_entry = run.entry("modelfile")
-    mf_path = Path(mf_entry["info"]["modelfile"]) if mf_entry else None
-    if mf_path is None or not mf_path.is_file():
-        mf_path = run.root / "modelfile" / "Modelfile"
-    if mf_path.is_file():
-        from .modelfile import parse_file
-
-        mf = parse_file(mf_path)
-        template = mf.template
-        stops = list(mf.typed_parameters().get("stop") or [])
-        mf_system = mf.system
-    messages = [{"role": "user", "content": prompt}]
-    if system:
-        messages.insert(0, {"role": "system", "content": system})
-    text = None
-    if template:
-        from .templates import render_go
-
-        try:
-            text = render_go(template, messages, system=mf_system)
-        except UserError as e:
-            ui.warn(f"{e.message}; using the GGUF's own chat template instead")
-    if text is None and mf_system and not system:
-        messages.insert(0, {"role": "system", "content": mf_system})
-    from ..core.native_worker import Contained
-
-    log = gguf.parent.parent / "logs" / "llama.log" if gguf.parent.name == "gguf" else gguf.with_suffix(".log")
-    with ui.status(f"loading {gguf.name}"):
-        # a child process: a llama.cpp crash becomes a message, and its log stays out of the answer
-        llm = Contained("ollama_ft.eval.engines:LocalChat", gguf, what=f"llama.cpp ({gguf.name})", log_path=log)
-    pieces = []
-    try:
-        for piece in llm.stream("stream", text, messages, max_tokens, stops):
-            pieces.append(piece)
-            ui.out.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
-        ui.out.print()
-    finally:
-        llm.close()
-    return "".join(pieces)
-
-
-def _pick_gguf(run) -> Path:
-    d = run.root / "gguf"
-    if not d.is_dir():
-        raise UserError(f"{run.root} has no GGUF yet", hint=f"run `ollama-ft export {run.root}`")
-    quant = "Q4_K_M"
-    try:
-        from ..core.config import load_config
-
-        quant = load_config(run.root / "run.yaml", []).config.ollama.quant
-    except Exception:  # no or unreadable run.yaml: fall back to the usual default
-        pass
-    models = [p for p in sorted(d.glob("*.gguf")) if "-lora-" not in p.name]
-    for want in (f"-{quant}.gguf", "-F16.gguf"):
-        for p in models:
-            if p.name.endswith(want):
-                return p
-    if models:
-        return models[0]
-    raise UserError(f"no model GGUF in {d}", hint=f"run `ollama-ft export {run.root}`")
-

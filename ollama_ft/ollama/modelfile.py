@@ -1,5 +1,6 @@
 """Ollama Modelfiles: a model, a writer and a parser that follow Ollama's grammar (../shared/docs/ollama-contract.md §2),
-the `/api/create` request `ollama create -f` would send (section 3), and the `modelfile` stage.
+and the `/api/create` request `ollama create -f` would send (section 3). The `modelfile` stage is
+ollama/stage.py; the TEMPLATE fidelity proof is ollama/fidelity.py.
 
 The parser is a port of the behaviour of Ollama's parser (a rune-by-rune state machine): instruction
 words are case-insensitive ASCII letters, `#` starts a comment only at the start of a line, arguments
@@ -10,7 +11,6 @@ that this parser reads back to the same value, and refuses values a Modelfile ca
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import unicodedata
@@ -306,7 +306,10 @@ def _decode(data: bytes) -> str:
 
 def parse_commands(text: str) -> list[tuple[str, str]]:
     """(name, args) commands as Ollama's parser produces them; FROM is named "model", MESSAGE args are
-    "role: text". Raises ModelfileError with Ollama's messages."""
+    "role: text". Raises ModelfileError with Ollama's messages.
+
+    90 lines on purpose: one state machine, laid out like Ollama's parser.go so the two can be compared
+    state by state; split into functions it would need its state threaded through all of them."""
     NIL, NAME, VALUE, PARAM, MESSAGE, COMMENT = range(6)
     cmds: list[tuple[str, str]] = []
     name = ""
@@ -437,7 +440,6 @@ def parse_file(path: str | Path) -> Modelfile:
         raise ModelfileError(f"{p}: {e.message}", hint=e.hint or "see https://docs.ollama.com/modelfile") from None
 
 
-parse_modelfile_file = parse_file
 
 
 # ------------------------------------------------------------------------------------------
@@ -479,310 +481,3 @@ def files_for_model(p: Path) -> dict[str, Path]:
     for g in ("*.json", "*/*.json", "chat_template.jinja", "tokenizer.model"):
         found += sorted(x for x in p.glob(g) if x.is_file() and x not in found)
     return {x.relative_to(p).as_posix(): x for x in found}
-
-
-# ------------------------------------------------------------------------------------------
-# The `modelfile` stage
-
-
-def _pick_gguf(gguf_dir: Path, name: str, quant: str) -> Path:
-    want = gguf_dir / f"{name}-{quant}.gguf"
-    if want.is_file():
-        return want
-    # The export may have run under another model name (e.g. `modelfile --name` later): same quant.
-    same_quant = sorted(p for p in gguf_dir.glob(f"*-{quant}.gguf") if not p.name.endswith(f"-lora-{quant}.gguf"))
-    if len(same_quant) == 1:
-        return same_quant[0]
-    have = ", ".join(sorted(p.name for p in gguf_dir.glob("*.gguf"))) or "none"
-    raise UserError(f"{want} does not exist (GGUF files in {gguf_dir}: {have})",
-                    hint=f"export that quantization (`ollama-ft export RUN --quant {quant}`) or set ollama.quant")
-
-
-def training_template(run) -> tuple[str, Path]:
-    """(jinja text, path) of the chat template the training data was rendered with."""
-    candidates = [run.root / "data" / "chat_template.jinja", run.root / "merged" / "chat_template.jinja"]
-    for p in candidates:
-        if p.is_file():
-            return p.read_text(encoding="utf-8"), p
-    raise UserError(f"no training chat template in {run.root} (looked for "
-                    + ", ".join(str(p.relative_to(run.root)) for p in candidates) + ")",
-                    hint=f"run the data stage first: `ollama-ft train {run.root / 'run.yaml'} --until data`")
-
-
-def load_run_tokenizer(run):
-    """The run's tokenizer (merged/, else base/), as training used it."""
-    from transformers import AutoTokenizer
-
-    for d in (run.root / "merged", run.root / "base"):
-        if (d / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file():
-            try:
-                return AutoTokenizer.from_pretrained(str(d))
-            except Exception as e:  # a broken tokenizer directory is a broken earlier stage
-                raise UserError(f"cannot load the tokenizer in {d}: {e}",
-                                hint="re-run the stage that wrote it (`--force merge` or `--force pull`)") from None
-    raise UserError(f"no tokenizer in {run.root / 'merged'} or {run.root / 'base'}",
-                    hint="run the pull and merge stages first")
-
-
-def gguf_metadata(gguf_path: Path, keys: set[str]) -> dict[str, Any]:
-    """The wanted GGUF metadata keys that the file has (core/gguf_meta reads them)."""
-    from ..core.gguf_meta import GGUFDamaged, read_gguf_meta
-
-    try:
-        meta = read_gguf_meta(gguf_path)
-    except (GGUFDamaged, OSError) as e:
-        raise UserError(f"{gguf_path} is not a readable GGUF file: {e}", hint="re-run the export stage") from None
-    return {k: meta.fields[k] for k in keys if k in meta.fields}
-
-
-def gguf_add_bos(gguf_path: Path) -> bool | None:
-    """tokenizer.ggml.add_bos_token of a GGUF (what llama.cpp, hence Ollama, does), None when unset."""
-    v = gguf_metadata(Path(gguf_path), {"tokenizer.ggml.add_bos_token"}).get("tokenizer.ggml.add_bos_token")
-    return None if v is None else bool(v)
-
-
-def _data_conversations(run, system: str | None, limit: int = 3):
-    """A few conversations from the run's own data, cut after their last user message."""
-    from .templates import Conversation
-
-    out = []
-    for split in ("validation", "test", "train"):
-        p = run.root / "data" / f"{split}.jsonl"
-        if not p.is_file():
-            continue
-        with open(p, encoding="utf-8") as f:
-            for line in f:
-                if len(out) >= limit:
-                    return out
-                try:
-                    msgs = json.loads(line)["messages"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue
-                last_user = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=-1)
-                if last_user < 0:
-                    continue
-                pairs = tuple((str(m["role"]), str(m.get("content") or "")) for m in msgs[: last_user + 1])
-                out.append(Conversation(f"data/{split}.jsonl line {len(out) + 1}", pairs, system))
-    return out
-
-
-def training_date_string(run, tokenizer) -> str:
-    """The "Today Date" a day-dependent template (Llama 3.2) wrote into the training data, read back
-    from the tokens in data/*.parquet."""
-    import pyarrow.parquet as pq
-
-    for split in ("train", "validation", "test"):
-        p = run.root / "data" / f"{split}.parquet"
-        if not p.is_file():
-            continue
-        rows = pq.read_table(p, columns=["input_ids"]).slice(0, 5).column("input_ids").to_pylist()
-        for ids in rows:
-            m = re.search(r"Today Date: ([0-9A-Za-z ,.:-]{1,40})\n", tokenizer.decode(ids, skip_special_tokens=False))
-            if m:
-                return m.group(1)
-    raise UserError("the training chat template writes the day it rendered ('Today Date: ...'), and that day "
-                    f"could not be read back from {run.root / 'data'}/*.parquet",
-                    hint="re-run the data stage (`--force data`) so its token files exist")
-
-
-@dataclass
-class _Plan:
-    family: Any
-    jinja: str
-    jinja_path: Path
-    tokenizer: Any
-    add_bos: bool
-    emit_bos: bool
-    template: str
-    jinja_kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-def _plan(run, gguf: Path) -> _Plan:
-    from .templates import detect_family, explain_detection, get_family, render_hf, tokenizer_adds_bos
-
-    jinja, jpath = training_template(run)
-    fam_name = detect_family(jinja)
-    if fam_name is None:
-        raise UserError(f"the training chat template {jpath} matches no chat family ollama-ft can write a "
-                        "Go TEMPLATE for", details=explain_detection(jinja),
-                        hint="train with a supported family (set model.chat_template), or add the family to "
-                             "ollama_ft/ollama/templates.py")
-    fam = get_family(fam_name)
-    tok = load_run_tokenizer(run)
-    add_bos = gguf_add_bos(gguf)
-    if add_bos is None:
-        add_bos = tokenizer_adds_bos(tok)
-    bos = tok.bos_token
-    probe = render_hf(jinja, [{"role": "user", "content": "Hi"}], bos_token=bos, eos_token=tok.eos_token)
-    # Training starts with BOS when the template wrote it or the tokenizer added it (data.py).
-    trained_bos = bool(bos) and (probe.startswith(bos) or tokenizer_adds_bos(tok))
-    emit_bos = trained_bos and not add_bos
-    kwargs: dict[str, Any] = {}
-    if fam.dated:
-        kwargs["date_string"] = training_date_string(run, tok)
-    template = fam.build(emit_bos=emit_bos, bos_token=bos, eos_token=tok.eos_token, **kwargs)
-    return _Plan(fam, jinja, jpath, tok, bool(add_bos), emit_bos, template, kwargs)
-
-
-def _fidelity(plan: _Plan, system: str | None, run, *, require_go: bool):
-    import shutil as _sh
-
-    from .templates import CONVERSATIONS, check_fidelity
-
-    convs = list(CONVERSATIONS) + _data_conversations(run, system)
-    if _sh.which("go") is None and not require_go:
-        # Without Go, compare against the family's jinja twin (CI proves it renders like the Go template).
-        ui.warn("Go is not installed: checking against the family's reference template instead of Go's "
-                "text/template (install golang-go for the full proof, then `ollama-ft modelfile RUN --check`)")
-        return _fidelity_without_go(plan, convs)
-    return check_fidelity(plan.jinja, plan.template, convs, plan.tokenizer, add_bos=plan.add_bos,
-                          jinja_kwargs=plan.jinja_kwargs)
-
-
-def _fidelity_without_go(plan: _Plan, convs):
-    from .templates import ConversationCheck, FidelityReport, ollama_view, render_hf
-
-    tok = plan.tokenizer
-    bos, eos = tok.bos_token, tok.eos_token
-    results = []
-    for conv in convs:
-        msgs = ollama_view(conv)
-        try:
-            a = render_hf(plan.jinja, msgs, bos_token=bos, eos_token=eos, prefill=conv.prefill, **plan.jinja_kwargs)
-        except Exception as e:
-            results.append(ConversationCheck(conv.name, "skipped", f"the training template refuses it: {e}"))
-            continue
-        try:
-            b = render_hf(plan.family.jinja, msgs, bos_token=bos, eos_token=eos, prefill=conv.prefill,
-                          **plan.jinja_kwargs)
-        except Exception as e:
-            results.append(ConversationCheck(conv.name, "mismatch", f"the family template refuses it: {e}"))
-            continue
-        ids_a = tok(a, add_special_tokens=False)["input_ids"]
-        ids_b = tok(b, add_special_tokens=False)["input_ids"]
-        ok = a == b and list(ids_a) == list(ids_b)
-        results.append(ConversationCheck(conv.name, "match" if ok else "mismatch",
-                                         "" if ok else "renders differently from the family template",
-                                         len(ids_a) if ok else None))
-    return FidelityReport(plan.family.name, results, plan.add_bos, False, True)
-
-
-def _fidelity_error(rep, where: str) -> UserError:
-    bad = rep.mismatched
-    return UserError(
-        f"the Go TEMPLATE does not reproduce the training chat template ({where}): "
-        f"{len(bad)} of {len(rep.results)} conversations differ",
-        details=[f"{r.name}: {r.detail}" for r in bad[:8]],
-        hint="this family's Go template needs a fix in ollama_ft/ollama/templates.py; do not register this model "
-             "with a hand-written TEMPLATE")
-
-
-VERSION_DEPENDENT_DEFAULTS = {"repeat_penalty": 1.0}
-
-
-def think_filter_applies(model_name: str, architecture_family: str | None = None) -> bool:
-    """Whether Ollama rewrites earlier assistant turns for this model (server/routes.go filterThinkTags):
-    it does for a model whose name (without host, namespace and tag) is exactly `deepseek-r1`, and for
-    the qwen3 architecture."""
-    bare = model_name.rsplit("/", 1)[-1].split(":", 1)[0].lower()
-    return bare == "deepseek-r1" or (architecture_family or "") == "qwen3"
-
-
-def warn_think_filter(model_name: str, family: str) -> None:
-    if think_filter_applies(model_name):
-        ui.warn(f"Ollama treats a model named {model_name!r} as deepseek-r1: it cuts earlier assistant turns to "
-                "the text after </think> and strips their leading whitespace, which training did not do, so "
-                f"multi-turn prompts would differ from training; name it e.g. {model_name.split(':')[0]}-tuned")
-
-
-def build_modelfile(cfg, run, out: Path) -> dict[str, Any]:
-    """Stage `modelfile`: write out/Modelfile (FROM ../gguf/<file>) and modelfiles/<name>.Modelfile
-    (relative to the current directory), after proving the TEMPLATE matches the training template."""
-    from ..core.runs import atomic_write_text
-
-    out = Path(out)
-    name = cfg.ollama_name
-    gguf_dir = run.require("export")
-    gguf = _pick_gguf(gguf_dir, name, cfg.ollama.quant)
-    with ui.status("modelfile: detecting the chat family and loading the tokenizer"):
-        plan = _plan(run, gguf)
-    system = cfg.ollama.system if cfg.ollama.system is not None else cfg.data.system_prompt
-    params: dict[str, list[str]] = {}
-    user_params = {k: [] for k in ("stop",)} | dict(cfg.ollama.parameters or {})
-    for k, v in user_params.items():
-        try:
-            params[k] = format_parameter(k, v)
-        except ModelfileError as e:
-            raise UserError(f"ollama.parameters.{k}: {e.message}", hint=e.hint) from None
-    # The family's turn markers always stop generation; user stops come on top.
-    params["stop"] = list(dict.fromkeys([*plan.family.stop, *params["stop"]]))
-    # Defaults that differ between Ollama versions are written out, so every version decodes alike and as
-    # `eval` scored it (llama.cpp, no repeat penalty): v0.24.0 defaults repeat_penalty to 1.1, later ones 1.0.
-    for k, v in VERSION_DEPENDENT_DEFAULTS.items():
-        params.setdefault(k, format_parameter(k, v))
-    warn_think_filter(name, plan.family.name)
-    from ..core.files import read_base_meta
-
-    lic = read_base_meta(run.root / "base").get("license")
-    licenses = [lic] if isinstance(lic, str) and lic.strip() else []
-    with ui.status(f"modelfile: checking the {plan.family.name} TEMPLATE against {plan.jinja_path.name}"):
-        rep = _fidelity(plan, system, run, require_go=False)
-    if not rep.ok:
-        raise _fidelity_error(rep, str(plan.jinja_path))
-
-    def make(from_path: str) -> Modelfile:
-        return Modelfile(from_=from_path, template=plan.template, system=system, parameters=params,
-                         license=licenses)
-
-    header = (f"Written by ollama-ft for run {run.root.name}: chat family {plan.family.name}.\n"
-              f"Register: ollama create {name} -f <this file>")
-    run_mf = make(f"../{gguf_dir.name}/{gguf.name}")
-    text = run_mf.render(header)
-    if parse(text) != run_mf:  # the writer's promise, checked on the real content
-        raise UserError("internal error: the Modelfile does not parse back to what was written")
-    atomic_write_text(out / "Modelfile", text)
-    atomic_write_text(out / "fidelity.json", json.dumps({
-        "family": plan.family.name, "training_template": str(plan.jinja_path), "add_bos": plan.add_bos,
-        "template_writes_bos": plan.emit_bos, **rep.counts(),
-        "results": [{"conversation": r.name, "status": r.status, "detail": r.detail, "tokens": r.tokens}
-                    for r in rep.results]}, indent=2, ensure_ascii=False) + "\n")
-    shared_dir = Path.cwd() / "modelfiles"
-    shared = shared_dir / f"{name}.Modelfile"
-    final_gguf = run.root / gguf_dir.name / gguf.name
-    rel = os.path.relpath(final_gguf.resolve(), shared_dir.resolve())
-    atomic_write_text(shared, make(Path(rel).as_posix()).render(header))
-    how = "Go text/template" if rep.go_checked else "family reference (no Go)"
-    summary = (f"{plan.family.name} TEMPLATE matches training on {rep.matched} conversations ({how}, strings and "
-               f"token ids; {rep.skipped} the template refuses); wrote {shared}")
-    return {"modelfile": str(shared), "family": plan.family.name, "gguf": gguf.name,
-            "fidelity": rep.counts(), "summary": summary}
-
-
-def check_run_command(run_ref: str) -> None:
-    """`ollama-ft modelfile RUN --check`: render the run's Modelfile TEMPLATE with Go's text/template and
-    the training template with transformers, print a table, and fail on any difference."""
-    from ..core.runs import Run
-
-    run = Run.open(run_ref)
-    mf_path = run.root / "modelfile" / "Modelfile"
-    if not mf_path.is_file():
-        raise UserError(f"{mf_path} does not exist", hint=f"write it first: `ollama-ft modelfile {run_ref}`")
-    mf = parse_file(mf_path)
-    if mf.template is None:
-        raise UserError(f"{mf_path} has no TEMPLATE", hint=f"rewrite it: `ollama-ft modelfile {run_ref} --force`")
-    gguf = expand_path(mf.from_, mf_path.parent)
-    if not gguf.is_file():
-        raise UserError(f"the Modelfile's FROM {mf.from_} does not exist ({gguf})",
-                        hint=f"run `ollama-ft export {run_ref}`")
-    plan = _plan(run, gguf)
-    plan.template = mf.template  # check what the user will register, not a fresh build
-    with ui.status("checking the TEMPLATE with Go's text/template"):
-        rep = _fidelity(plan, mf.system, run, require_go=True)
-    rows = [[r.name, r.status, r.tokens if r.tokens is not None else "", r.detail[:90]] for r in rep.results]
-    ui.table(f"TEMPLATE fidelity: {mf_path.relative_to(run.root)} vs {plan.jinja_path.relative_to(run.root)} "
-             f"in {run.root.name} ({plan.family.name}, GGUF adds BOS: {'yes' if plan.add_bos else 'no'})",
-             ["conversation", "result", "tokens", "detail"], rows)
-    if not rep.ok:
-        raise _fidelity_error(rep, str(plan.jinja_path))
-    ui.success(f"{rep.matched} conversations render to identical strings and token ids "
-               f"({rep.skipped} refused by the training template)")
