@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..core.errors import UserError
-from ..core.files import digest_file  # noqa: F401 (registry.py imports it from here until it switches)
 from ..core.names import ModelName, parse_name
 from ..core.runs import atomic_write_bytes
 
