@@ -40,7 +40,7 @@ EMBEDDED_NAME = "gemma3:270m"
 _HF_REPO_RE = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@([\w./-]+))?$")
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-# Safetensors architectures Ollama can import without a GGUF (contract 7.2). Informational only:
+# Safetensors architectures Ollama can import without a GGUF (../shared/docs/ollama-contract.md §7.2). Informational only:
 # ollama-ft always hands Ollama a GGUF, which runs whenever llama.cpp supports the architecture.
 OLLAMA_SAFETENSORS_IMPORT = {
     "LlamaForCausalLM", "MllamaForConditionalGeneration", "Llama4ForConditionalGeneration",
@@ -265,7 +265,7 @@ def llama_cpp_architectures() -> dict[str, str] | None:
 
 
 def runtime_support(hf_architecture: str | None) -> dict[str, Any]:
-    """Whether llama.cpp's converter (and so Ollama, contract 7.2) can take this architecture."""
+    """Whether llama.cpp's converter (and so Ollama, ../shared/docs/ollama-contract.md §7.2) can take this architecture."""
     if not hf_architecture:
         return {"llama_cpp": None, "ollama": None, "text": "unknown architecture"}
     known = llama_cpp_architectures()

@@ -55,7 +55,7 @@ def refuse_unloadable_adapters(req: dict[str, Any], local: dict[str, Path], vers
             continue
         try:
             arch = gguf_facts(path).get("architecture")
-        except Exception:  # unreadable: _check_gguf_blobs / the server report it
+        except UserError:  # unreadable (gguf_facts says so): _check_gguf_blobs / the server report it
             continue
         if arch in GO_ENGINE_ARCHITECTURES:
             raise UserError(
@@ -75,7 +75,7 @@ def gguf_template_override_risk(req: dict[str, Any], local: dict[str, Path]) -> 
             continue
         try:
             jinja = gguf_facts(path).get("chat_template")
-        except Exception:  # unreadable metadata: Ollama itself will report the file
+        except UserError:  # unreadable metadata: Ollama itself will report the file
             continue
         reasons = jinja_override_reasons(jinja, req.get("template"))
         if reasons:
