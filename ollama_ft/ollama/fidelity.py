@@ -111,7 +111,7 @@ def run_templates(run, gguf: Path) -> RunTemplates:
         raise UserError(f"the training chat template {jpath} matches no chat family ollama-ft can write a "
                         "Go TEMPLATE for", details=explain_detection(jinja),
                         hint="train with a supported family (set model.chat_template), or add the family to "
-                             "ollama_ft/ollama/templates.py")
+                             "ollama_ft/ollama/families.py")
     fam = get_family(fam_name)
     tok = load_run_tokenizer(run)
     add_bos = gguf_add_bos(gguf)
@@ -178,5 +178,5 @@ def fidelity_error(rep, where: str) -> UserError:
         f"the Go TEMPLATE does not reproduce the training chat template ({where}): "
         f"{len(bad)} of {len(rep.results)} conversations differ",
         details=[f"{r.name}: {r.detail}" for r in bad[:8]],
-        hint="this family's Go template needs a fix in ollama_ft/ollama/templates.py; do not register this model "
+        hint="this family's Go template needs a fix in ollama_ft/ollama/families.py; do not register this model "
              "with a hand-written TEMPLATE")
