@@ -115,7 +115,7 @@ def table(rows: list[dict], cpu: str, commit: str, config: str, extra: list[str]
            f"Baseline: replay {b['ratio']} in the same bench run; (x) = ratio to it.", "",
            "| replay ratio | train examples (replay) | general-text ppl (base -> tuned) | domain test ppl | "
            "ROUGE-L | chrF | train s |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in sorted(rows, key=lambda x: x["ratio"]):
         g = r["general"]
         gtxt = f"{g['base_ppl']:.2f} -> {g['tuned_ppl']:.2f} ({g['tuned_ppl'] / b['general']['tuned_ppl']:.3f}x)" \
             if g and b["general"] else "n/a"
@@ -173,16 +173,16 @@ def main() -> int:
     if dirty:  # other work in the shared tree: say the figures include it
         commit += " + uncommitted " + ", ".join(dirty)
     rows = []
-    for r in args.ratios:  # one at a time: the CPU is shared
-        rows.append(measure(Path(args.config), r, runs, args.extra))
-        print(json.dumps(rows[-1]), flush=True)
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
-    md = table(rows, cpu, commit, args.config, args.extra)
-    (out / "replay_tradeoff.json").write_text(json.dumps({"cpu": cpu, "commit": commit, "overrides": args.extra,
-                                                          "rows": rows}, indent=2))
-    (out / "replay_tradeoff.md").write_text(md)
-    plot(rows, Path(args.png), cpu)
+    for r in args.ratios:  # one at a time: the CPU is shared; the outputs are rewritten after each
+        rows.append(measure(Path(args.config), r, runs, args.extra))
+        print(json.dumps(rows[-1]), flush=True)
+        md = table(rows, cpu, commit, args.config, args.extra)
+        (out / "replay_tradeoff.json").write_text(json.dumps({"cpu": cpu, "commit": commit, "overrides": args.extra,
+                                                              "rows": rows}, indent=2))
+        (out / "replay_tradeoff.md").write_text(md)
+        plot(sorted(rows, key=lambda x: x["ratio"]), Path(args.png), cpu)
     print(md)
     return 0
 
