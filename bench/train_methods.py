@@ -72,11 +72,70 @@ def child(overrides: list[str], steps: int) -> dict:
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30}
 
 
+def interleaved(rounds: int) -> dict:
+    """Forward + backward time of one demo micro-batch per variant, all models in this one process and
+    timed in alternating order, round after round (the median of each): on a CPU other jobs share, every
+    variant sees the same load, which separate runs minutes apart do not."""
+    import statistics
+
+    from transformers import TrainingArguments
+
+    from ollama_ft.core.config import load_config
+    from ollama_ft.train.data import PackingCollator, load_split
+    from ollama_ft.train.model import load_model, pick_device_and_dtype, resolve_checkpointing
+    from ollama_ft.train.trainer import trainer_class
+
+    run = ROOT / "runs" / "demo"
+    rows = load_split(run / "data", "train").rows
+    batches = [PackingCollator()(rows[i:i + 8]) for i in range(0, 8 * rounds, 8)]
+    setups = {}
+    for name, overrides in VARIANTS.items():
+        cfg = load_config(ROOT / "configs" / "demo.yaml", overrides).config
+        device, dtype, _ = pick_device_and_dtype(cfg)
+        gc = resolve_checkpointing(cfg, run / "base", device)[0]
+        model = load_model(cfg, run / "base", device, dtype, checkpointing=gc)
+        model.train()
+        tr = trainer_class()(model=model, args=TrainingArguments(tempfile.mkdtemp(), use_cpu=True, report_to="none"),
+                             loss_chunk_size=cfg.training.loss_chunk_size,
+                             label_smoothing=cfg.training.label_smoothing)
+        setups[name] = (model, tr)
+    times: dict[str, list[float]] = {n: [] for n in setups}
+    for k, batch in enumerate(batches):
+        order = list(setups) if k % 2 == 0 else list(reversed(setups))
+        for name in order:
+            model, tr = setups[name]
+            model.zero_grad(set_to_none=True)
+            b = {key: v.clone() for key, v in batch.items()}
+            t0 = time.perf_counter()
+            loss = tr.compute_loss(model, b)
+            loss.backward()
+            times[name].append(time.perf_counter() - t0)
+    tokens = [int(b["input_ids"].numel()) for b in batches]
+    out = {}
+    for name, ts in times.items():
+        # first round is warm-up (allocations, kernels), dropped
+        out[name] = {"median_s": statistics.median(ts[1:]), "tokens_per_s": sum(tokens[1:]) / sum(ts[1:]),
+                     "trainable": sum(p.numel() for p in setups[name][0].parameters() if p.requires_grad)}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--child", default=None)
+    ap.add_argument("--interleaved", type=int, default=0, help="ROUNDS: alternate the variants in one process")
     a = ap.parse_args()
+    if a.interleaved:
+        res = interleaved(a.interleaved)
+        base = res["baseline (all layers, all-linear)"]
+        print("| method | trainable params | fwd+bwd s per micro-batch (median) | tokens/s | vs baseline |")
+        print("|---|---|---|---|---|")
+        for name, r in res.items():
+            print(f"| {name} | {r['trainable']:,} | {r['median_s']:.2f} | {r['tokens_per_s']:.0f} | "
+                  f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x |")
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "interleaved.json").write_text(json.dumps(res, indent=2))
+        return 0
     if a.child is not None:
         print("RESULT " + json.dumps(child(json.loads(a.child), a.steps)))
         return 0
