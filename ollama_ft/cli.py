@@ -197,7 +197,7 @@ def plan(
     ram: Annotated[str | None, typer.Option(help="System RAM budget for merge/export, e.g. 16GB")] = None,
 ) -> None:
     """Predict peak memory for training, merge and export from the model config alone; go/no-go."""
-    from .train.plan import plan_command
+    from .train.plan_report import plan_command
 
     plan_command(config, budget=budget, overrides=list(set_ or []), ram=ram)
 

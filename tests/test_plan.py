@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from ollama_ft.train.plan import GB, GIB, ModelDims, PlanSettings, estimate, parse_size, suggestions
+from ollama_ft.train.plan import GB, GIB, ModelDims, PlanSettings, estimate, parse_size
+from ollama_ft.train.plan_report import suggestions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,7 +106,7 @@ def test_parse_size():
 
 
 def test_plan_command_go_and_no_go(tmp_path, capsys):
-    from ollama_ft.train.plan import plan_command
+    from ollama_ft.train.plan_report import plan_command
 
     cfg = ROOT / "configs" / "deepseek-r1-7b.yaml"
     plan_command(cfg, budget="16GB", overrides=[f"runs_dir={tmp_path}"], ram="32GB")
@@ -117,7 +118,7 @@ def test_plan_command_go_and_no_go(tmp_path, capsys):
 
 
 def test_plan_reads_a_local_model_dir(tiny_llama, tmp_path, capsys):
-    from ollama_ft.train.plan import plan_command
+    from ollama_ft.train.plan_report import plan_command
 
     plan_command(None, budget="1GB", overrides=[f"model.base={tiny_llama}", f"runs_dir={tmp_path}"], device="cpu")
     assert "GO" in capsys.readouterr().out
@@ -220,7 +221,7 @@ def test_cuda_peak_r1_qwen_7b_dims(tmp_path):
                                   "my-medical-model"])
 def test_every_16gb_config_fits_16gb(name, tmp_path, capsys):
     """The ready GPU configs in configs/ are shown by `plan --budget 16GB` to fit (training memory)."""
-    from ollama_ft.train.plan import plan_command
+    from ollama_ft.train.plan_report import plan_command
 
     plan_command(ROOT / "configs" / f"{name}.yaml", budget="16GB", overrides=[f"runs_dir={tmp_path}"], ram="64GB")
     out = capsys.readouterr().out
