@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -107,6 +108,97 @@ def measure(config: Path, ratio: float, runs: Path, extra: list[str]) -> dict:
     }
 
 
+def quick_scores(run: Path, texts: list[str], adapter: bool) -> dict:
+    """--quick: general-text and domain-test perplexity of base (+ the run's adapter) in torch float32,
+    token-weighted, through the data stage's packed scorer (no merge/export/eval: minutes, not tens)."""
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ollama_ft.data.quality import batch_nll
+
+    model = AutoModelForCausalLM.from_pretrained(str(run / "base"), dtype=torch.float32)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(run / "adapter"))
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(str(run / "base"))
+    general = [tok(t)["input_ids"] for t in texts]
+    general = [(ids, ids) for ids in general]
+    t = pq.read_table(run / "data" / "test.parquet")
+    domain = list(zip(t.column("input_ids").to_pylist(), t.column("labels").to_pylist(), strict=True))
+    out = {}
+    for name, ex in (("general_ppl", general), ("domain_test_ppl", domain)):
+        tot = n = 0.0
+        for b in range(0, len(ex), 8):
+            batch = ex[b:b + 8]
+            for (_ids, lab), nll in zip(batch, batch_nll(model, batch, "cpu"), strict=True):
+                k = sum(1 for x in lab[1:] if x != -100)
+                tot, n = tot + nll * k, n + k
+        out[name] = math.exp(tot / n)
+    return out
+
+
+def measure_quick(config: Path, ratio: float, runs: Path, extra: list[str], texts: list[str]) -> dict:
+    name = run_name(ratio)
+    sets = [f"name={name}", f"runs_dir={runs}", f"data.replay.ratio={ratio}", f"ollama.name=ollama-ft-{name}", *extra]
+    cmd = [sys.executable, "-m", "ollama_ft", "train", str(config), "--until", "train"]
+    for s in sets:
+        cmd += ["--set", s]
+    if subprocess.call(cmd, cwd=ROOT) != 0:
+        raise SystemExit(f"{name}: ollama-ft train --until train failed")
+    run = runs / name
+    stats = json.loads((run / "data" / "stats.json").read_text())
+    manifest = json.loads((run / "manifest.json").read_text())
+    evals = [json.loads(line) for line in (run / "adapter" / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in line]
+    return {"ratio": ratio, "run": name, "train_examples": stats["counts"]["train"],
+            "replay_examples": stats.get("replay", {}).get("used", 0),
+            "train_s": manifest["stages"].get("train", {}).get("seconds"),
+            "val_loss": evals[-1].get("eval_loss") if evals else None,
+            **quick_scores(run, texts, adapter=True)}
+
+
+def quick_table(rows: list[dict], base: dict, cpu: str, commit: str, extra: list[str]) -> str:
+    b = rows[0]
+    over = " ".join("--set " + e for e in extra)
+    out = [f"Replay trade-off, quick mode (train stage + torch float32 scoring of base+adapter; no merge/export/"
+           f"eval), `configs/demo.yaml` {over} (commit {commit}), {cpu}. Baseline: replay {b['ratio']} in the "
+           "same bench run; (x) = ratio to it. Base model: general-text ppl "
+           f"{base['general_ppl']:.2f}, domain test ppl {base['domain_test_ppl']:.2f}.", "",
+           "| replay ratio | train examples (replay) | general-text ppl | domain test ppl | domain val loss | train s |",
+           "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda x: x["ratio"]):
+        vl = f"{r['val_loss']:.3f}" if r["val_loss"] is not None else "n/a"
+        out.append(f"| {r['ratio']} | {r['train_examples']} ({r['replay_examples']}) | {r['general_ppl']:.2f} "
+                   f"({r['general_ppl'] / b['general_ppl']:.3f}x) | {r['domain_test_ppl']:.2f} "
+                   f"({r['domain_test_ppl'] / b['domain_test_ppl']:.3f}x) | {vl} | {r['train_s']:.0f} |")
+    return "\n".join(out) + "\n"
+
+
+def quick_plot(rows: list[dict], base: dict, path: Path, cpu: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda x: x["ratio"])
+    x = [r["ratio"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.plot(x, [r["general_ppl"] for r in rows], "o-", color="tab:blue", label="general-text ppl (tuned)")
+    ax.axhline(base["general_ppl"], color="tab:blue", ls=":", label="general-text ppl (base)")
+    ax.plot(x, [r["domain_test_ppl"] for r in rows], "s-", color="tab:orange", label="domain test ppl (tuned)")
+    ax.set_xlabel("data.replay.ratio (share of training examples that are general chat)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title(f"Replay trade-off, demo, quick mode ({cpu})", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
 def table(rows: list[dict], cpu: str, commit: str, config: str, extra: list[str]) -> str:
     b = rows[0]
     over = f" with {' '.join('--set ' + e for e in extra)}" if extra else ""
@@ -161,6 +253,8 @@ def main() -> int:
     ap.add_argument("--png", default=str(ROOT / "docs" / "replay_tradeoff.png"))
     ap.add_argument("--set", dest="extra", action="append", default=[],
                     help="extra config override for every run, e.g. --set training.max_steps=16 on a busy CPU")
+    ap.add_argument("--quick", action="store_true",
+                    help="train stage only, then score base+adapter in torch (minutes instead of the full pipeline)")
     args = ap.parse_args()
     runs = Path(args.runs_dir).resolve()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -175,6 +269,22 @@ def main() -> int:
     rows = []
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        from ollama_ft.eval import general as eg
+
+        texts = [t["text"] for t in eg.load_texts(eg.BUNDLED)]
+        for r in args.ratios:
+            rows.append(measure_quick(Path(args.config), r, runs, args.extra, texts))
+            print(json.dumps(rows[-1]), flush=True)
+        base = quick_scores(runs / run_name(args.ratios[0]), texts, adapter=False)
+        md = quick_table(rows, base, cpu, commit, args.extra)
+        (out / "replay_tradeoff.json").write_text(json.dumps({"cpu": cpu, "commit": commit, "mode": "quick",
+                                                              "overrides": args.extra, "base": base, "rows": rows},
+                                                             indent=2))
+        (out / "replay_tradeoff.md").write_text(md)
+        quick_plot(rows, base, Path(args.png), cpu)
+        print(md)
+        return 0
     for r in args.ratios:  # one at a time: the CPU is shared; the outputs are rewritten after each
         rows.append(measure(Path(args.config), r, runs, args.extra))
         print(json.dumps(rows[-1]), flush=True)

@@ -85,7 +85,7 @@ def score(base_dir: Path, examples: list[tuple[list[int], list[int]]], compute_d
             task = prog.add_task("data: answer perplexity under the base model", total=len(todo))
             for b in range(0, len(todo), batch_size):
                 chunk = todo[b:b + batch_size]
-                for k, nll in zip(chunk, _batch_nll(model, [examples[k] for k in chunk], device), strict=True):
+                for k, nll in zip(chunk, batch_nll(model, [examples[k] for k in chunk], device), strict=True):
                     cache[keys[k]] = nll
                 prog.advance(task, len(chunk))
         del model
@@ -123,7 +123,7 @@ def _load_model(base_dir: Path, dtype, device: str):
     return model.to(device).eval()
 
 
-def _batch_nll(model, batch: list[tuple[list[int], list[int]]], device: str) -> list[float]:
+def batch_nll(model, batch: list[tuple[list[int], list[int]]], device: str) -> list[float]:
     """One packed forward pass; logits only where a trained token is predicted."""
     import torch
 
