@@ -321,16 +321,6 @@ def eval_(
     run_single_stage(run, "eval", force=force, overrides=overrides)
 
 
-# Registry login and TLS, shared by publish and install. The password is never an option value
-# (visible in `ps` and shell history): it comes from stdin, a prompt, the environment or docker's config.
-UsernameOpt = Annotated[str | None, typer.Option(
-    help="Registry user; the password is read from --password-stdin, else asked on the terminal "
-         "(default: $OLLAMA_FT_REGISTRY_USER/_PASSWORD, then ~/.docker/config.json)")]
-PasswordStdinOpt = Annotated[bool, typer.Option(help="Read the registry password from the first line of stdin")]
-CaCertOpt = Annotated[Path | None, typer.Option(
-    help="PEM file of the CA that signed the registry's TLS certificate (added to the system store)")]
-
-
 @app.command()
 def review(
     run: RunArg,
@@ -363,6 +353,16 @@ def review(
 
     review_command(run, against=against, reviewer=reviewer, port=port, open_browser=open_browser,
                    export_csv=export_csv, report=report)
+
+
+# Registry login and TLS, shared by publish and install. The password is never an option value
+# (visible in `ps` and shell history): it comes from stdin, a prompt, the environment or docker's config.
+UsernameOpt = Annotated[str | None, typer.Option(
+    help="Registry user; the password is read from --password-stdin, else asked on the terminal "
+         "(default: $OLLAMA_FT_REGISTRY_USER/_PASSWORD, then ~/.docker/config.json)")]
+PasswordStdinOpt = Annotated[bool, typer.Option(help="Read the registry password from the first line of stdin")]
+CaCertOpt = Annotated[Path | None, typer.Option(
+    help="PEM file of the CA that signed the registry's TLS certificate (added to the system store)")]
 
 
 @app.command()
