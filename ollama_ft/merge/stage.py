@@ -181,6 +181,8 @@ class _RssSampler:
 
 def merge_streamed(base_dir: Path, adapter_dir: Path, out: Path, merge_base: str = "full") -> dict[str, Any]:
     """Write base + LoRA into `out` shard by shard (weights only). Returns merge statistics."""
+    # One long loop on purpose: each tensor is read, merged, checked and written while only one shard
+    # is in memory; splitting it would pass the open shard handles and running statistics around.
     from safetensors import safe_open
     from safetensors.torch import save_file
 
