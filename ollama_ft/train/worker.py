@@ -41,7 +41,26 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    # Only after success: on failure a barrier would wait for ranks blocked in a collective with this
+    # one; torchrun stops them when this process exits non-zero.
+    _shut_down_process_group()
     return 0
+
+
+def _shut_down_process_group() -> None:
+    """Destroy the process group while the interpreter is whole.
+
+    Left to interpreter teardown, gloo's worker threads can still hold tensors whose release needs the
+    GIL; the process then aborts ("terminate called without an active exception", SIGABRT) after a
+    successful run and torchrun reports the whole run failed. The barrier lets every rank finish its
+    last collective before any rank tears its side down.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
