@@ -89,3 +89,17 @@ def test_read_base_meta(tmp_path):
     (tmp_path / files.BASE_META).write_text('{\n  "family": \n}')
     with pytest.raises(UserError, match=r"ollama_ft_base.json:3"):
         files.read_base_meta(tmp_path)
+
+
+def test_iter_jsonl_skips_blank_lines_and_names_the_bad_line(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"a": 1}\n\n  \n{"a": 2}\n', encoding="utf-8")
+    assert list(files.iter_jsonl(good, hint="h")) == [(1, {"a": 1}), (4, {"a": 2})]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"a": 1}\n{"a": \n', encoding="utf-8")
+    it = files.iter_jsonl(bad, hint="each line is one JSON object")
+    assert next(it) == (1, {"a": 1})  # records before the bad line still arrive (streamed)
+    with pytest.raises(UserError) as e:
+        next(it)
+    assert e.value.message.startswith(f"{bad}:2: not valid JSON") and e.value.hint == "each line is one JSON object"

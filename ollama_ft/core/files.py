@@ -11,10 +11,11 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
 from .hf_dir import read_json
 
 BASE_META = "ollama_ft_base.json"  # written by the pull stage next to the base model (docs/ARCHITECTURE.md)
@@ -138,3 +139,16 @@ def read_base_meta(base_dir: Path | str) -> dict[str, Any]:
     """`ollama_ft_base.json` of a pull-stage directory ({} when there is none: a base from before it existed,
     or a directory not made by `pull`); a damaged file is a UserError naming file:line."""
     return read_json(Path(base_dir) / BASE_META)
+
+
+def iter_jsonl(path: Path, hint: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed record) for each non-blank line of a JSON Lines file the project wrote or
+    the user pointed at; a bad line stops with `path:line` and `hint` (what the line should hold)."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})", hint=hint) from None

@@ -14,11 +14,11 @@ of blank-line separated paragraphs).
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import UserError
+from ..core.files import iter_jsonl
 from . import metrics as em
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data_files" / "general_text.jsonl"
@@ -36,22 +36,17 @@ def general_path(setting: str | None) -> Path | None:
     return p
 
 
+_LINE_HINT = "each line of the general-text file is {\"text\": \"...\"}"
+
+
 def load_texts(path: Path) -> list[dict[str, str]]:
     """[{id, text}] from a .jsonl ("text" field) or .txt (blank-line separated paragraphs)."""
     out: list[dict[str, str]] = []
     if path.suffix.lower() in (".jsonl", ".ndjson"):
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})",
-                                hint="each line of the general-text file is {\"text\": \"...\"}") from None
+        for lineno, rec in iter_jsonl(path, hint=_LINE_HINT):
             text = rec.get("text") if isinstance(rec, dict) else None
             if not isinstance(text, str) or not text.strip():
-                raise UserError(f"{path}:{lineno}: no \"text\" string",
-                                hint="each line of the general-text file is {\"text\": \"...\"}")
+                raise UserError(f"{path}:{lineno}: no \"text\" string", hint=_LINE_HINT)
             out.append({"id": str(rec.get("id") or f"line{lineno}"), "text": text.strip()})
     elif path.suffix.lower() == ".txt":
         paras = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]

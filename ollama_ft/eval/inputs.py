@@ -10,6 +10,7 @@ from typing import Any
 from ..core import ui
 from ..core.config import RunConfig
 from ..core.errors import UserError
+from ..core.files import iter_jsonl
 from ..core.runs import Run
 
 # ------------------------------------------------------------------------------------------
@@ -22,22 +23,14 @@ def load_examples(data_dir: Path, split: str, limit: int | None) -> list[dict[st
     if not path.is_file():
         raise UserError(f"{path} is missing", hint="re-run the data stage: `ollama-ft data RUN --force`")
     records: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})",
-                                hint="re-run the data stage: `ollama-ft data RUN --force`") from None
-            msgs = rec.get("messages") or []
-            if len(msgs) < 2 or msgs[-1].get("role") != "assistant":
-                raise UserError(f"{path}:{lineno}: record {rec.get('id')!r} does not end with an assistant message",
-                                hint="the data stage writes records whose last message is the reference answer")
-            records.append(rec)
-            if limit is not None and len(records) >= limit:
-                break
+    for lineno, rec in iter_jsonl(path, hint="re-run the data stage: `ollama-ft data RUN --force`"):
+        msgs = (rec.get("messages") if isinstance(rec, dict) else None) or []
+        if len(msgs) < 2 or msgs[-1].get("role") != "assistant":
+            raise UserError(f"{path}:{lineno}: record {rec.get('id') if isinstance(rec, dict) else rec!r} does not end with an assistant message",
+                            hint="the data stage writes records whose last message is the reference answer")
+        records.append(rec)
+        if limit is not None and len(records) >= limit:
+            break
     tokens = _load_tokens(data_dir / f"{split}.parquet")
     for rec in records:
         t = tokens.get(str(rec.get("id")))
