@@ -335,9 +335,19 @@ def _next_steps(cfg: RunConfig, run: Run, registered: bool, hi: int) -> None:
         ui.out.print("next: run the same `ollama-ft train CONFIG` command without --until to continue")
         return
     mf = run.entry("modelfile")
+    from rich.markup import escape
+
+    from .ollama.api import gate_override_hint, gate_refusal
+
+    refused = None if registered else gate_refusal(run)
     if registered:
         ui.out.print(f"\n[bold green]Ready.[/] Chat with your model:\n\n    ollama run {name}\n")
         ui.out.print(f"Share it:  ollama-ft publish {name} --registry 127.0.0.1:5000/team   (or: make publish NAME={name})")
+    elif mf and refused:
+        # `ollama create` would bypass the gate: say why it refused and how to override on purpose.
+        ui.out.print(f"\n[bold yellow]Your model is built, but the evaluation gate refuses it:[/] {escape(refused)}",
+                     markup=True, highlight=False)
+        ui.out.print(f"  {gate_override_hint(run)}", markup=False)
     elif mf:
         ui.out.print("\n[bold]Your model is built.[/] Register it when Ollama is running:\n")
         ui.out.print(f"    ollama create {name} -f {mf['info']['modelfile']}")

@@ -101,3 +101,22 @@ def test_unexportable_tokenizer_stops_before_training(tmp_path, tiny_qwen2, monk
     st = {r["stage"]: r["state"] for r in run.status()}
     assert st["data"] == "done" and st["train"] != "done"
     assert not (run.root / "checkpoints").exists() or not any((run.root / "checkpoints").iterdir())
+
+
+def test_next_steps_say_why_the_gate_refused_instead_of_offering_ollama_create(tmp_path, capsys):
+    """Without a server, a run the eval gate refused must not end with an `ollama create` that bypasses it."""
+    from ollama_ft.core.config import RunConfig
+    from ollama_ft.pipeline import _next_steps
+
+    cfg = RunConfig.model_validate({"name": "gated", "ollama": {"name": "gated-model"}})
+    run = Run.open("gated", tmp_path / "runs", create=True)
+    run.record("modelfile", {"modelfile": str(tmp_path / "gated.Modelfile")})
+    run.record("eval", {"gate": {"passed": True}})
+    _next_steps(cfg, run, registered=False, hi=STAGES.index("eval"))
+    assert "ollama create gated-model -f" in capsys.readouterr().out
+
+    run.record("eval", {"gate": {"passed": False, "reason": "general-text perplexity rose 48% [limit 15%]"}})
+    _next_steps(cfg, run, registered=False, hi=STAGES.index("eval"))
+    out = capsys.readouterr().out
+    assert "evaluation gate refuses it: general-text perplexity rose 48% [limit 15%]" in " ".join(out.split())
+    assert f"ollama-ft register {run.root} --force" in " ".join(out.split()) and "ollama create" not in out

@@ -201,13 +201,23 @@ def _check_gguf_blobs(run, local: dict[str, Path]) -> None:
                             hint=f"re-export it: `ollama-ft export {run.root} --force`")
 
 
-def _gate_check(run, gate_force: bool) -> None:
+def gate_refusal(run) -> str | None:
+    """Why the eval stage's gate refuses registration, or None when it passed (or eval did not run)."""
     e = run.entry("eval")
     gate = ((e or {}).get("info") or {}).get("gate") if e else None
-    if isinstance(gate, dict) and gate.get("passed") is False and not gate_force:
-        reason = gate.get("reason") or "the tuned model did worse than the base model"
-        raise UserError(f"the evaluation gate refused this model: {reason}",
-                        hint=f"see {run.root}/report/report.md; register anyway with `ollama-ft register {run.root} --force`")
+    if isinstance(gate, dict) and gate.get("passed") is False:
+        return gate.get("reason") or "the tuned model did worse than the base model"
+    return None
+
+
+def gate_override_hint(run) -> str:
+    return f"see {run.root}/report/report.html; register anyway with `ollama-ft register {run.root} --force`"
+
+
+def _gate_check(run, gate_force: bool) -> None:
+    reason = gate_refusal(run)
+    if reason is not None and not gate_force:
+        raise UserError(f"the evaluation gate refused this model: {reason}", hint=gate_override_hint(run))
 
 
 def register_run(cfg, run, host: str, gate_force: bool = False) -> dict[str, Any]:
