@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import resource
 import time
 from collections import deque
@@ -122,6 +123,8 @@ class MetricsCallback(TrainerCallback):
         self.peak_mem = 0.0
         self._logged = 0
         self.world = 1
+        self.eval_step: int | None = None  # step of the newest eval record
+        self._printed_warnings: set[str] = set()  # kinds printed in line mode, so a log shows each once
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records newer than the checkpoint so the curve continues without duplicates."""
@@ -170,6 +173,7 @@ class MetricsCallback(TrainerCallback):
         elif "eval_loss" in logs:
             rec.update(type="eval", eval_loss=logs["eval_loss"], eval_perplexity=logs.get("eval_perplexity"),
                        eval_tokens=logs.get("eval_tokens"))
+            self.eval_step = state.global_step
             self.last.update(rec)
         else:
             return
@@ -177,9 +181,21 @@ class MetricsCallback(TrainerCallback):
             f.write(json.dumps(rec) + "\n")
         if self.live is not None:
             self.live.update(self._render(state))
-        elif self.show and (rec["type"] == "eval" or self._logged % 10 == 0):
+        elif self.show and self._print_line(args, state, rec["type"]):
             ui.info(self._line(state))
         self._logged += 1
+
+    def _print_line(self, args, state, kind: str) -> bool:
+        """Line mode (a log file, CI): every eval, every 10th train log, the last step; a train log whose
+        eval comes next is left to the eval line, which carries both."""
+        if kind == "eval":
+            return True
+        every = getattr(args, "eval_steps", None)
+        if getattr(args, "eval_strategy", None) == "steps" and every and state.global_step % int(every) == 0:
+            return False
+        if any(_warning_kind(w) not in self._printed_warnings for w in self.warnings):
+            return True  # a new warning is shown when it appears
+        return self._logged % 10 == 0 or state.global_step >= state.max_steps
 
     def on_train_end(self, args, state, control, **kw):
         if self.live is not None:
@@ -192,11 +208,15 @@ class MetricsCallback(TrainerCallback):
         parts = [f"step {state.global_step}/{state.max_steps}"]
         if "loss" in r:
             parts.append(f"loss {r['loss']:.4f}")
-        if r.get("eval_loss") is not None:
+        if r.get("eval_loss") is not None and self.eval_step == state.global_step:
             parts.append(f"eval {r['eval_loss']:.4f} (ppl {r.get('eval_perplexity', 0):.2f})")
         parts.append(f"{self.tokens_per_s:.0f} tok/s")
         parts.append(f"ETA {_fmt_eta(r.get('eta_s'))}")
-        return "  ".join(parts) + "".join(f"\n  [yellow]warning:[/] {w}" for w in self.warnings)
+        # A warning is printed when it appears, not on every line while it lasts (metrics.jsonl has each).
+        kinds = {_warning_kind(w): w for w in self.warnings}
+        new = [w for k, w in kinds.items() if k not in self._printed_warnings]
+        self._printed_warnings = set(kinds)
+        return "  ".join(parts) + "".join(f"\n  [yellow]warning:[/] {w}" for w in new)
 
     def _render(self, state) -> Table:
         r = self.last
@@ -223,6 +243,11 @@ class MetricsCallback(TrainerCallback):
         for w in self.warnings:
             t.add_row("[yellow]warning[/]", w)
         return t
+
+
+def _warning_kind(text: str) -> str:
+    """A warning without its numbers: the same warning with a new value is the same kind."""
+    return re.sub(r"[-+]?\d[\d.e+-]*", "#", text)
 
 
 def read_metrics(path: Path) -> list[dict]:
