@@ -226,3 +226,28 @@ def test_every_16gb_config_fits_16gb(name, tmp_path, capsys):
     plan_command(ROOT / "configs" / f"{name}.yaml", budget="16GB", overrides=[f"runs_dir={tmp_path}"], ram="64GB")
     out = capsys.readouterr().out
     assert "GO" in out and "NO-GO" not in out, out[-2000:]
+
+
+def test_plan_sizes_the_data_stages_perplexity_screen(tmp_path, capsys):
+    """data.quality.perplexity_outliers loads the base unquantized in the data stage: the plan shows that
+    peak with the data stage's own formula and says NO-GO where it cannot fit the budget."""
+    import yaml
+
+    from ollama_ft.data.quality import screen_memory
+    from ollama_ft.train.plan_report import plan_command
+
+    base = yaml.safe_load((ROOT / "configs" / "deepseek-r1-7b.yaml").read_text())
+    plan_command(ROOT / "configs" / "deepseek-r1-7b.yaml", budget="16GB", overrides=[f"runs_dir={tmp_path}"])
+    assert "perplexity screen" not in capsys.readouterr().out  # off unless configured
+
+    base.setdefault("data", {})["quality"] = {"perplexity_outliers": {"batch_size": 2}}
+    cfg = tmp_path / "screened.yaml"
+    cfg.write_text(yaml.safe_dump(base))
+    b = plan_command(cfg, budget="16GB", overrides=[f"runs_dir={tmp_path}"])
+    out = " ".join(capsys.readouterr().out.split())
+    d = ModelDims.from_config(R1_QWEN_7B)
+    want = screen_memory(d.parameters, 2, 2, d.vocab, base["data"]["max_length"])
+    assert b.data == pytest.approx({**want, "CUDA context": 0.5 * GIB})
+    assert b.data_total > 16 * GB  # 7.6B parameters unquantized in bf16 (+20%) do not fit 16 GB
+    assert "NO-GO: the data stage's perplexity screen needs" in out and "GO: training needs" in out
+    assert "perplexity_outliers.batch_size" in out

@@ -79,7 +79,8 @@ def score(base_dir: Path, examples: list[tuple[list[int], list[int]]], compute_d
     todo = [k for k, key in enumerate(keys) if key not in cache]
     info = {"device": device, "dtype": dt.name, "scored": len(todo), "cached": len(keys) - len(todo)}
     if todo:
-        info["memory_bytes"] = _check_memory(Path(base_dir), dt, device, batch_size)
+        longest = max(len(examples[k][0]) for k in todo)
+        info["memory_bytes"] = _check_memory(Path(base_dir), dt, device, batch_size, longest)
         model = _load_model(base_dir, dt.torch_dtype, device)
         with ui.progress_steps() as prog:
             task = prog.add_task("data: answer perplexity under the base model", total=len(todo))
@@ -94,9 +95,17 @@ def score(base_dir: Path, examples: list[tuple[list[int], list[int]]], compute_d
     return [cache[k] for k in keys], info
 
 
-def _check_memory(base_dir: Path, dt, device: str, batch_size: int) -> int:
-    """Stop before loading a base that cannot fit: the weights unquantized in the compute dtype plus
-    the logits of a batch's answer positions (at most batch_size x 1024 rows of the vocabulary)."""
+def screen_memory(parameters: int, dtype_bytes: int, batch_size: int, vocab: int,
+                  rows_per_example: int) -> dict[str, float]:
+    """Peak bytes of the perplexity screen by component (pure; `ollama-ft plan` shows the same figures):
+    the base unquantized in the compute dtype (+20% for buffers) and a batch's answer logits in fp32
+    (at most rows_per_example answer positions per example: the longest example, or data.max_length)."""
+    return {"base unquantized (compute dtype, +20%)": parameters * dtype_bytes * 1.2,
+            "answer logits (fp32)": batch_size * rows_per_example * vocab * 4}
+
+
+def _check_memory(base_dir: Path, dt, device: str, batch_size: int, rows_per_example: int) -> int:
+    """Stop before loading a base that cannot fit (screen_memory against what is free on the device)."""
     import psutil
     import torch
 
@@ -106,7 +115,8 @@ def _check_memory(base_dir: Path, dt, device: str, batch_size: int) -> int:
     params = safetensors_summary(base_dir)["parameters"]
     conf = read_json(base_dir / "config.json")
     vocab = int(conf.get("vocab_size") or (conf.get("text_config") or {}).get("vocab_size") or 0)
-    need = int(params * torch.empty(0, dtype=dt.torch_dtype).element_size() * 1.2 + batch_size * 1024 * vocab * 4)
+    dtype_bytes = torch.empty(0, dtype=dt.torch_dtype).element_size()
+    need = int(sum(screen_memory(params, dtype_bytes, batch_size, vocab, rows_per_example).values()))
     free = torch.cuda.mem_get_info()[0] if device == "cuda" else psutil.virtual_memory().available
     if need > free:
         raise UserError(f"data.quality.perplexity_outliers: scoring needs about {need / 2**30:.1f} GiB "

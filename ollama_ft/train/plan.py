@@ -26,6 +26,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..data.quality import screen_memory
+
 GB = 1e9
 GIB = 2**30
 NF4_BLOCK = 64
@@ -111,6 +113,7 @@ class PlanSettings:
     adapted_layers: tuple[int, ...] | None = None  # lora.layers resolved (None: every layer)
     modules_to_save: tuple[str, ...] = ()  # modules trained in full (embed_tokens, lm_head)
     shards: int = 1  # FSDP: processes the base and the trained weights are sharded over
+    perplexity_screen_batch: int | None = None  # data.quality.perplexity_outliers.batch_size (None: off)
 
 
 @dataclass
@@ -121,6 +124,7 @@ class Breakdown:
     merge: dict[str, float] = field(default_factory=dict)
     export: dict[str, float] = field(default_factory=dict)
     disk: dict[str, float] = field(default_factory=dict)
+    data: dict[str, float] = field(default_factory=dict)  # the data stage's perplexity screen, when on
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -139,6 +143,10 @@ class Breakdown:
     @property
     def export_total(self) -> float:
         return sum(self.export.values())
+
+    @property
+    def data_total(self) -> float:
+        return sum(self.data.values())
 
     @property
     def disk_total(self) -> float:
@@ -306,6 +314,11 @@ def estimate(model_dims: dict[str, Any] | ModelDims, settings: PlanSettings) -> 
                 "adapter + checkpoints (2)": n_lora * (4 + 2 * (4 + (8 if s.optimizer == "adamw" else 2)))}
     if d.softcap:
         out.notes.append("final logit soft-capping adds an fp32 tanh buffer per logits chunk")
+    if s.perplexity_screen_batch:
+        # The data stage scores every answer with the base model unquantized, on the training device.
+        # An upper bound: every position of a max_length example counted as an answer position.
+        out.data = screen_memory(d.parameters, b, s.perplexity_screen_batch, d.vocab, s.seq_len)
+        out.data.update({"CUDA context": CUDA_CONTEXT} if s.device == "cuda" else {"runtime (python, torch)": CPU_RUNTIME})
     return out
 
 
@@ -349,6 +362,7 @@ def settings_from_config(cfg, device: str = "cuda", dims: ModelDims | None = Non
     if opt == "auto":
         opt = "paged_adamw_8bit" if device == "cuda" else "adamw"
     targets = cfg.lora.target_modules
+    screen = cfg.data.quality.perplexity_outliers
     return PlanSettings(
         seq_len=cfg.data.max_length, micro_batch=micro, accumulation=accum, lora_r=rank,
         lora_targets=targets if isinstance(targets, str) else tuple(targets), lora_dropout=cfg.lora.dropout,
@@ -357,7 +371,8 @@ def settings_from_config(cfg, device: str = "cuda", dims: ModelDims | None = Non
         gradient_checkpointing=cfg.training.gradient_checkpointing is not False, optimizer=opt,
         loss="chunked", loss_chunk=t.loss_chunk_size, device=device,
         adapted_layers=tuple(layers) if layers is not None else None,
-        modules_to_save=tuple(cfg.lora.modules_to_save), shards=shards)
+        modules_to_save=tuple(cfg.lora.modules_to_save), shards=shards,
+        perplexity_screen_batch=screen.batch_size if screen is not None else None)
 
 
 def _continued_rank(cfg) -> int | None:

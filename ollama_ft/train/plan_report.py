@@ -142,6 +142,10 @@ def plan_command(config: Path, budget: str = "16GB", overrides: list[str] | None
         *[[f"disk: {k}", f"{v / GB:.2f}"] for k, v in b.disk.items()],
         ["disk total (one run)", f"{b.disk_total / GB:.2f}"],
     ])
+    if b.data:
+        rows = [[k, f"{v / GB:.2f}"] for k, v in b.data.items()]
+        rows.append(["[bold]peak (data stage)[/]", f"[bold]{b.data_total / GB:.2f}[/]"])
+        ui.table(f"data stage: perplexity screen on {device.upper()} (GB)", ["component", "GB"], rows)
     for note in b.notes:
         ui.out.print(f"[dim]note: {note}[/]")
     if device == "cpu":
@@ -157,6 +161,13 @@ def plan_command(config: Path, budget: str = "16GB", overrides: list[str] | None
     verdict = "[green]GO[/]" if go else "[red]NO-GO[/]"
     ui.out.print(f"{verdict}: training needs {b.train_total / GB:.1f} GB of a {budget_b / GB:.1f} GB budget "
                  f"({100 * b.train_total / budget_b:.0f}%)")
+    if b.data:
+        screen_ok = b.data_total <= budget_b
+        ui.out.print(f"{'[green]GO[/]' if screen_ok else '[red]NO-GO[/]'}: the data stage's perplexity screen needs "
+                     f"{b.data_total / GB:.1f} GB of the {budget_b / GB:.1f} GB budget (the base unquantized)")
+        if not screen_ok:
+            ui.out.print("  lower data.quality.perplexity_outliers.batch_size, use a bf16 compute dtype, or turn the "
+                         "screen off (data.quality.perplexity_outliers: null)")
     if ram_b is not None:
         need = max(b.merge_total, b.export_total)
         ok = need <= ram_b
