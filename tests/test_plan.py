@@ -251,3 +251,43 @@ def test_plan_sizes_the_data_stages_perplexity_screen(tmp_path, capsys):
     assert b.data_total > 16 * GB  # 7.6B parameters unquantized in bf16 (+20%) do not fit 16 GB
     assert "NO-GO: the data stage's perplexity screen needs" in out and "GO: training needs" in out
     assert "perplexity_outliers.batch_size" in out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_eager_attention_cost_matches_autograds_saved_tensors(dtype):
+    """model.attn_implementation=eager keeps the softmaxed score matrix for backward; the plan's extra
+    activation bytes for it equal what autograd saves beyond sdpa on a real forward (within 3%)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ollama_ft.train.plan import layer_activation_bytes
+
+    dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=256)
+    batch, seq = 2, 128
+    tdtype = getattr(torch, dtype)
+
+    def saved(impl: str) -> int:
+        storages: dict[tuple[int, torch.dtype], int] = {}
+
+        def pack(t):
+            storages[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+            return t
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**dims, attn_implementation=impl)).to(tdtype).train()
+        ids = torch.randint(0, 256, (batch, seq))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids)
+        return sum(storages.values())
+
+    measured = saved("eager") - saved("sdpa")
+    d = ModelDims.from_config(dims)
+    s = PlanSettings(seq_len=seq, micro_batch=batch, packing=False, compute_bytes=tdtype.itemsize, lora_dropout=0)
+    per_token = layer_activation_bytes(d, PlanSettings(**{**s.__dict__, "attention": "eager"})) \
+        - layer_activation_bytes(d, s)
+    predicted = per_token * batch * seq * d.layers
+    assert predicted == pytest.approx(measured, rel=0.03)
+    # Packed, the micro-batch is one row: the matrix grows with the row, so it costs more per token.
+    packed = PlanSettings(**{**s.__dict__, "attention": "eager", "packing": True})
+    assert layer_activation_bytes(d, packed) - layer_activation_bytes(d, s) > per_token

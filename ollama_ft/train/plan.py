@@ -114,6 +114,8 @@ class PlanSettings:
     modules_to_save: tuple[str, ...] = ()  # modules trained in full (embed_tokens, lm_head)
     shards: int = 1  # FSDP: processes the base and the trained weights are sharded over
     perplexity_screen_batch: int | None = None  # data.quality.perplexity_outliers.batch_size (None: off)
+    attention: str = "sdpa"  # model.attn_implementation as resolved: sdpa | eager | flash_attention_2
+    packing: bool = True  # a packed micro-batch is one row of micro_batch x seq_len tokens
 
 
 @dataclass
@@ -229,6 +231,13 @@ def layer_activation_bytes(d: ModelDims, s: PlanSettings) -> float:
         ins = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": q, "gate_proj": h, "up_proj": h, "down_proj": i}
         lora = sum((b + 1) * ins[n] for n in keep)  # dropout output + bool mask per adapted input
     lora += 4 * s.lora_r * len(keep)  # fp32 lora_A outputs
+    if s.attention == "eager":
+        # Eager attention keeps the softmax of the full score matrix for backward: fp32 (softmax runs in
+        # fp32) plus its compute-dtype copy, heads x row x row per layer, i.e. heads x row per token. A
+        # packed row is the whole micro-batch (its block-diagonal mask does not shrink the matrix).
+        # Checked against autograd's saved tensors in tests/test_plan.py.
+        row = s.seq_len * (s.micro_batch if s.packing else 1)
+        attn += d.heads * row * (4 + (b if b != 4 else 0)) + b * q
     return norms + attn + mlp + lora
 
 
@@ -372,7 +381,14 @@ def settings_from_config(cfg, device: str = "cuda", dims: ModelDims | None = Non
         loss="chunked", loss_chunk=t.loss_chunk_size, device=device,
         adapted_layers=tuple(layers) if layers is not None else None,
         modules_to_save=tuple(cfg.lora.modules_to_save), shards=shards,
-        perplexity_screen_batch=screen.batch_size if screen is not None else None)
+        perplexity_screen_batch=screen.batch_size if screen is not None else None,
+        attention=_attention(cfg), packing=t.packing)
+
+
+def _attention(cfg) -> str:
+    """model.attn_implementation as memory sees it: only eager stores the score matrix (sdpa and
+    flash-attention 2, whichever `auto` picks, do not)."""
+    return "eager" if cfg.model.attn_implementation == "eager" else "sdpa"
 
 
 def _continued_rank(cfg) -> int | None:

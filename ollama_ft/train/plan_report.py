@@ -42,11 +42,14 @@ _MIN_SEQ = 256
 def suggestions(dims, s: PlanSettings, budget: float) -> list[tuple[str, Breakdown]]:
     """Smallest single changes (then pairs) that bring the training peak under `budget`, least costly first.
 
-    Order of preference: micro-batch down with more accumulation (same global batch, slower), gradient
-    checkpointing on, smaller loss chunk, 8-bit optimizer, 4-bit base, lower rank, shorter sequences.
+    Order of preference: sdpa instead of eager attention (free), micro-batch down with more accumulation
+    (same global batch, slower), gradient checkpointing on, smaller loss chunk, 8-bit optimizer, 4-bit
+    base, lower rank, shorter sequences.
     """
     # Knobs in order of preference; each lists its options from mild to strong.
     knobs: list[list[tuple[str, dict]]] = []
+    if s.attention == "eager":  # costs nothing in quality: the same attention, without the score matrix
+        knobs.append([("model.attn_implementation=auto (sdpa / flash-attention 2)", {"attention": "sdpa"})])
     opts, m = [], s.micro_batch
     while m > 1:
         m //= 2
@@ -131,7 +134,8 @@ def plan_command(config: Path, budget: str = "16GB", overrides: list[str] | None
                  f"hidden {dims.hidden}, vocab {dims.vocab} [dim](from {source})[/]")
     ui.out.print(f"training: {'QLoRA NF4' if s.load_in_4bit else 'LoRA'} r={s.lora_r}, seq {s.seq_len} x micro-batch "
                  f"{s.micro_batch} (accumulation {s.accumulation}), optimizer {s.optimizer}, "
-                 f"checkpointing {'on' if s.gradient_checkpointing else 'off'}{gc_note}, loss chunk {s.loss_chunk}")
+                 f"checkpointing {'on' if s.gradient_checkpointing else 'off'}{gc_note}, loss chunk {s.loss_chunk}"
+                 f"{', eager attention (stores the score matrix)' if s.attention == 'eager' else ''}")
     ui.out.print(_trainable_line(dims, s))
     rows = [[k, f"{v / GB:.2f}"] for k, v in b.train.items()]
     rows.append(["[bold]peak (training)[/]", f"[bold]{b.train_total / GB:.2f}[/]"])
