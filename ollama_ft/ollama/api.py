@@ -349,8 +349,6 @@ def create_model(client, name: ModelName, req: dict[str, Any], host: str = "", m
     return statuses
 
 
-_create = create_model  # the name registry.py imported first
-
 
 def _create_with_config_fields(client, model: str, kwargs: dict[str, Any], extra: dict[str, Any]):
     """/api/create with fields the official client has no parameter for, through the client's own HTTP
