@@ -211,6 +211,31 @@ def test_stages_carry_the_adapter_and_use_each_rate(tiny_llama, tiny_data, other
     assert info["stages"][1]["train_examples"] == 32 and info["stages"][1]["data"] == "other"
 
 
+def test_stages_under_two_processes_match_one(tiny_llama, tiny_data, other_data, tmp_path):
+    """stages: with --nproc 2 (gloo): both stages run in both processes, rank 1 waits at the barrier for
+    rank 0's stage adapter, and the result agrees with the single-process run (same global batch)."""
+    from ollama_ft.train.stage import build_adapter
+    from ollama_ft.train.stages import train_all
+
+    single = train_all(_stage_cfg(), tiny_llama, tiny_data, tmp_path / "one" / "adapter", tmp_path / "one" / "ck",
+                       False, stage_data={"task": other_data}, show=False)
+    cfg = _stage_cfg()
+    cfg.training.nproc = 2
+    ck, out = tmp_path / "two" / "ck", tmp_path / "two" / "adapter"
+    info = build_adapter(cfg, tiny_llama, tiny_data, out, ck, False, stage_data={"task": other_data})
+    assert [s["stage"] for s in info["stages"]] == ["general", "task"] and info["steps"] == 7
+    assert info["hyperparameters"]["processes"] == 2 and info["hyperparameters"]["gradient_accumulation"] == 1
+    for name in ("stage-1-general", "stage-2-task"):
+        assert (ck / name / "adapter" / "adapter_model.safetensors").is_file()
+    final = load_file(str(out / "adapter_model.safetensors"))
+    last = load_file(str(ck / "stage-2-task" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(final[k], last[k]) for k in final)
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["type"] == "train"] == list(range(1, 8))  # rank 0 wrote it, once
+    for one, two in zip(single["stages"], info["stages"], strict=True):
+        assert two["best_eval_loss"] == pytest.approx(one["best_eval_loss"], rel=0.05), one["stage"]
+
+
 def test_interrupted_stage_run_resumes_inside_that_stage(tiny_llama, tiny_data, other_data, tmp_path):
     from transformers import TrainerCallback
 
