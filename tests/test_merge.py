@@ -221,3 +221,65 @@ def test_logits_proof_offloads_to_disk_beyond_the_ram_budget(tiny_model, tmp_pat
     # the NF4 round trip of a dequantized-base merge needs the weights in RAM: said, not guessed
     with pytest.raises(UserError, match="needs the float32 base in RAM"):
         logits_check(base, adapter, merged, seqs, merge_base="dequantized", offload_dir=tmp_path / "offload")
+
+
+@pytest.fixture(scope="module")
+def tiny_tied(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A tiny llama whose LM head is its embedding (as in Gemma 3, Qwen2.5 0.5-1.5B, Llama 3.2)."""
+    from tests.tiny_models import build_model
+
+    return build_model(tmp_path_factory.mktemp("tiny_tied"), "llama", tokenizer_dir=tiny_tokenizer_dir, tied=True)
+
+
+@pytest.mark.parametrize("trained", [{"modules_to_save": ["lm_head"]}, {"modules_to_save": ["embed_tokens"]},
+                                     {"target_modules": ["q_proj", "lm_head"]}],
+                         ids=["lm_head copy", "embedding copy", "lm_head LoRA"])
+def test_tied_base_with_a_trained_head_or_embedding_merges_untied(tiny_tied, tmp_path, trained):
+    """PEFT trains one side of a tied pair and leaves the other on the base weight; the merged model must
+    get its own lm_head (untied config) so its logits equal the adapter's."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from ollama_ft.merge.stage import copy_side_files, merge_streamed
+
+    assert "lm_head.weight" not in load_file(str(next(tiny_tied.glob("*.safetensors"))))  # tied: stored once
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_tied), dtype=torch.float32)
+    lcfg = {"target_modules": ["q_proj"], **trained}
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, **lcfg))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.05)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(str(adapter))
+    ids = torch.randint(3, 100, (2, 16))
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+
+    out = tmp_path / "merged"
+    stats = merge_streamed(tiny_tied, adapter, out)
+    copy_side_files(tiny_tied, None, out, untied=stats["lm_head_untied"])
+    assert stats["lm_head_untied"] is True
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits
+    assert float((got - want).abs().max()) < 1e-4
+    # The unchanged side keeps the base weight exactly.
+    state = load_dir_state(out)
+    base_emb = load_file(str(next(tiny_tied.glob("*.safetensors"))))["model.embed_tokens.weight"]
+    if "embed_tokens" in trained.get("modules_to_save", []):
+        assert torch.equal(state["lm_head.weight"], base_emb)
+    else:
+        assert torch.equal(state["model.embed_tokens.weight"], base_emb)
+
+
+def test_tied_base_with_only_lora_on_the_decoder_stays_tied(tiny_tied, tmp_path):
+    from ollama_ft.merge.stage import merge_streamed
+
+    adapter = make_adapter(tiny_tied, tmp_path / "adapter", targets=["q_proj", "v_proj"])
+    stats = merge_streamed(tiny_tied, adapter, tmp_path / "merged")
+    assert stats["lm_head_untied"] is False and "lm_head.weight" not in load_dir_state(tmp_path / "merged")

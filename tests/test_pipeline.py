@@ -120,3 +120,25 @@ def test_next_steps_say_why_the_gate_refused_instead_of_offering_ollama_create(t
     out = capsys.readouterr().out
     assert "evaluation gate refuses it: general-text perplexity rose 48% [limit 15%]" in " ".join(out.split())
     assert f"ollama-ft register {run.root} --force" in " ".join(out.split()) and "ollama create" not in out
+
+
+@pytest.mark.slow
+def test_trained_lm_head_on_a_tied_base_survives_merge_and_export(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """lora.modules_to_save: [lm_head] on a tied base (Gemma 3's layout): the merge proof (logits against
+    the adapter) and llama.cpp's verification of the GGUF (answer perplexity against HF) both pass."""
+    from ollama_ft.core.gguf_meta import read_gguf_meta
+    from ollama_ft.pipeline import run_pipeline
+    from tests.tiny_models import build_model
+
+    monkeypatch.chdir(tmp_path)
+    base = build_model(tmp_path / "tied", "llama", tokenizer_dir=tiny_tokenizer_dir, tied=True)
+    cfg = _config(tmp_path, base, "http://127.0.0.1:9", lora={"r": 8, "alpha": 16, "modules_to_save": ["lm_head"]})
+    run = run_pipeline(cfg, [], until="export")
+    merge = Run(run.root).entry("merge")["info"]
+    assert merge["logits_check"]["passed"] is True, merge
+    assert json.loads((run.root / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
+    gguf = next((run.root / "gguf").glob("*Q8_0.gguf"))
+    assert "output.weight" in {t.name for t in read_gguf_meta(gguf).tensors}  # the trained head, not token_embd
+    export = Run(run.root).entry("export")["info"]
+    # llama.cpp on the F16 GGUF scores like the merged HF model (the export stage refuses beyond its tolerance).
+    assert export["verify"]["F16"]["ppl"] == pytest.approx(export["reference_ppl"], rel=0.02), export["verify"]

@@ -124,7 +124,7 @@ def build_bytelevel_tokenizer(out_dir: Path, vocab_size: int = 600):
 
 
 def build_model(out_dir: Path, arch: str = "llama", seed: int = 0, tokenizer_dir: Path | None = None,
-                dtype: str = "float32"):
+                dtype: str = "float32", tied: bool = False):
     """Save a tiny random causal LM of the given architecture (llama | qwen2) with its tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
@@ -152,7 +152,7 @@ def build_model(out_dir: Path, arch: str = "llama", seed: int = 0, tokenizer_dir
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,  # tied: the LM head is the embedding (Gemma 3, Qwen2.5 small, Llama 3.2)
         rms_norm_eps=1e-6,
     )
     if arch == "llama":

@@ -103,6 +103,10 @@ def _adapter_deltas(acfg: dict[str, Any], tensors: dict[str, Any]) -> tuple[dict
             entry["embedding"] = kind.startswith("lora_embedding")
             continue
         name = re.sub(r"^base_model\.model\.", "", key)
+        if name.endswith(".base_layer.weight"):
+            # PEFT saves the frozen base weight of an embedding-like module it put a LoRA on (a tied
+            # lm_head, embed_tokens) in case the vocabulary was resized; training here never resizes it.
+            continue
         # modules_to_save (a fully trained lm_head, say) and trained biases replace the base tensor.
         replacements[name.replace(".modules_to_save.default", "")] = t
     for k, e in loras.items():
@@ -203,16 +207,20 @@ def merge_streamed(base_dir: Path, adapter_dir: Path, out: Path, merge_base: str
             raise UserError(f"{sh}: cannot read base weights ({e})", hint="the base is damaged; run `ollama-ft pull --force`") from None
     available = {k for ks in names.values() for k in ks}
     target_of: dict[str, str] = {}
-    untied: list[str] = []
+    head_key: str | None = None  # the adapter's key for a tied lm_head it modifies (LoRA or trained copy)
     for key in list(loras) + list(replacements):
         real = _resolve_key(key, available)
         if real is None and tied and key.endswith("lm_head.weight"):
-            untied.append(key)  # LoRA on a tied lm_head: materialise lm_head from the embedding
+            head_key = key
             continue
         if real is None:
             raise UserError(f"adapter modifies '{key}', which the base in {base_dir} does not have",
                             hint="the adapter was trained on a different base model; check model.base")
         target_of[real] = key
+    # In PEFT a tied lm_head keeps the base embedding when the embedding is trained, and the embedding
+    # keeps the base when the head is trained: once either changes, the merged model needs its own head.
+    embedding_changed = any(k.endswith("embed_tokens.weight") for k in target_of)
+    untie = tied and (head_key is not None or embedding_changed)
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -228,7 +236,7 @@ def merge_streamed(base_dir: Path, adapter_dir: Path, out: Path, merge_base: str
             with safe_open(str(sh), framework="pt") as f:
                 meta = f.metadata() or {}
                 for name in names[sh]:
-                    w = f.get_tensor(name)
+                    w = base_w = f.get_tensor(name)
                     dtypes.add(str(w.dtype).replace("torch.", ""))
                     key = target_of.get(name)
                     if merge_base == "dequantized" and w.is_floating_point() and _is_quantized_linear(name, w):
@@ -239,10 +247,15 @@ def merge_streamed(base_dir: Path, adapter_dir: Path, out: Path, merge_base: str
                         w = _apply(w, loras[key])
                         merged_count += 1
                         max_delta = max(max_delta, loras[key].get("_maxabs", 0.0))
-                    if name.endswith("embed_tokens.weight") and untied:
-                        lm = _apply(w, loras[untied[0]]) if untied[0] in loras else w.clone()
-                        result["lm_head.weight"] = lm.contiguous()
-                        merged_count += 1
+                    if name.endswith("embed_tokens.weight") and untie:
+                        if head_key in loras:
+                            head = _apply(base_w, loras[head_key])
+                            merged_count += 1
+                        elif head_key in replacements:
+                            head = replacements[head_key].to(base_w.dtype)
+                        else:
+                            head = base_w.clone()
+                        result["lm_head.weight"] = head.contiguous()
                     result[name] = w.contiguous()
             fname = sh.name
             save_file(result, str(out / fname), metadata={**meta, "format": "pt"})
@@ -261,7 +274,7 @@ def merge_streamed(base_dir: Path, adapter_dir: Path, out: Path, merge_base: str
     return {
         "modules_merged": merged_count,
         "tensors_replaced": len(replacements),
-        "lm_head_untied": bool(untied),
+        "lm_head_untied": untie,
         "shards": len(shards),
         "dtype": sorted(dtypes),
         "bytes": total_bytes,
