@@ -239,6 +239,7 @@ def run_pipeline(
         left = ", ".join(STAGES[i + 1: hi + 1]) or "nothing"
         ui.err.rule(f"[bold]{i + 1}/{hi + 1} {stage}[/] [dim](then: {left})[/]")
         if stage == "register":
+            _stop_if_gate_refused(run)
             registered = _register_or_explain(cfg, run, force="register" in force_set)
             continue
         builder = _build(stage, run, cfg, resume=resume)
@@ -280,6 +281,18 @@ def run_single_stage(run_ref: str, stage: str, *, force: bool = False, overrides
         ui.success(f"{stage}: done in {res.entry['seconds']:.1f}s -> {res.path}")
     _stage_summary(stage, res.entry.get("info", {}))
     return run
+
+
+def _stop_if_gate_refused(run: Run) -> None:
+    """A refused model stops the pipeline with exit status 1 whether or not Ollama is running (scripts
+    see the same outcome either way); the held-out example is shown first, it is what a user judges by."""
+    from .ollama.api import gate_override_hint, gate_refusal
+
+    reason = gate_refusal(run)
+    if reason is not None:
+        ui.err.rule()
+        _show_example(run)
+        raise UserError(f"the evaluation gate refused this model: {reason}", hint=gate_override_hint(run))
 
 
 def _register_or_explain(cfg: RunConfig, run: Run, *, force: bool, gate_force: bool = False,

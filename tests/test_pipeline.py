@@ -142,3 +142,20 @@ def test_trained_lm_head_on_a_tied_base_survives_merge_and_export(tmp_path, tiny
     export = Run(run.root).entry("export")["info"]
     # llama.cpp on the F16 GGUF scores like the merged HF model (the export stage refuses beyond its tolerance).
     assert export["verify"]["F16"]["ppl"] == pytest.approx(export["reference_ppl"], rel=0.02), export["verify"]
+
+
+def test_a_refused_gate_stops_the_pipeline_before_registration_with_or_without_a_server(tmp_path, capsys):
+    from ollama_ft.core.errors import UserError
+    from ollama_ft.pipeline import _stop_if_gate_refused
+
+    run = Run.open("gated", tmp_path / "runs", create=True)
+    run.record("eval", {"gate": {"passed": True}, "example": {"question": "Q?", "reference": "R", "base": "b",
+                                                                "tuned": "t"}})
+    _stop_if_gate_refused(run)  # passed: nothing happens
+    run.record("eval", {"gate": {"passed": False, "reason": "answer perplexity got worse"},
+                        "example": {"question": "Which fridge?", "reference": "Room 3A", "base": "b", "tuned": "t"}})
+    with pytest.raises(UserError) as e:
+        _stop_if_gate_refused(run)
+    assert "gate refused this model: answer perplexity got worse" in e.value.message
+    assert f"ollama-ft register {run.root} --force" in e.value.hint
+    assert "Which fridge?" in capsys.readouterr().out  # the example is shown before the error
