@@ -16,6 +16,7 @@ import shutil
 import ssl
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -146,6 +147,53 @@ def test_credentials_are_found_in_the_stated_order(tmp_path):
         assert A.resolve_credentials(host, environ={}, docker_config=cfg).username == "k", key
 
 
+def fake_credential_helper(bindir: Path, name: str, store: dict[str, tuple[str, str]], *,
+                           exit_status: int | None = None) -> dict[str, str]:
+    """A `docker-credential-NAME` program speaking the docker-credential-helpers protocol on `store`
+    (host -> (user, secret)); returns an environment with it on PATH."""
+    bindir.mkdir(parents=True, exist_ok=True)
+    prog = bindir / f"docker-credential-{name}"
+    prog.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import json, sys
+        store = {json.dumps({h: {"Username": u, "Secret": p} for h, (u, p) in store.items()})!r}
+        assert sys.argv[1:] == ["get"], sys.argv
+        host = sys.stdin.read().strip()
+        status = {exit_status!r}
+        if status is not None:
+            print("keychain is locked", file=sys.stderr); sys.exit(status)
+        entry = json.loads(store).get(host)
+        if entry is None:
+            print("credentials not found in native keychain"); sys.exit(1)
+        print(json.dumps({{"ServerURL": host, **entry}}))
+        """))
+    prog.chmod(0o755)
+    return {"PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def test_docker_credential_helpers_are_asked_as_docker_asks_them(tmp_path):
+    host = "reg.example:5000"
+    env = fake_credential_helper(tmp_path / "bin", "fake", {host: ("helga", "helper-pw")})
+    fake_credential_helper(tmp_path / "bin", "other", {host: ("otto", "other-pw")})
+    cfg = tmp_path / "config.json"
+    file_auth = {"auths": {host: {"auth": base64.b64encode(b"dora:file-pw").decode()}}}
+    cfg.write_text(json.dumps({**file_auth, "credsStore": "fake"}))  # the store wins over auths
+    c = A.resolve_credentials(host, environ=env, docker_config=cfg)
+    assert (c.username, c.password) == ("helga", "helper-pw") and "docker-credential-fake" in c.source
+    assert "helper-pw" not in repr(c)
+    cfg.write_text(json.dumps({**file_auth, "credsStore": "fake", "credHelpers": {f"https://{host}": "other"}}))
+    assert A.resolve_credentials(host, environ=env, docker_config=cfg).username == "otto"  # per-host first
+    assert A.resolve_credentials("elsewhere:5000", environ=env, docker_config=cfg) is None  # "not found"
+
+    cfg.write_text(json.dumps({"credsStore": "missing"}))
+    with pytest.raises(UserError, match="docker-credential-missing is not on PATH"):
+        A.resolve_credentials(host, environ=env, docker_config=cfg)
+    locked = fake_credential_helper(tmp_path / "bin2", "locked", {}, exit_status=3)
+    cfg.write_text(json.dumps({"credsStore": "locked"}))
+    with pytest.raises(UserError, match=r"docker-credential-locked get failed .*exit status 3: keychain is locked"):
+        A.resolve_credentials(host, environ=locked, docker_config=cfg)
+
+
 def test_credential_mistakes_are_clear_and_never_echo_the_password(tmp_path):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps({"auths": {"reg.example": {"auth": "bm9jb2xvbg==" + "%"}}}))  # not base64
@@ -218,6 +266,26 @@ def test_publish_with_good_credentials_then_install_on_a_second_machine(basic_re
     assert p.returncode == 0, p.stderr
     assert (other / "models/manifests/registry.ollama.ai/library/demo/v1").read_bytes() == local
     assert Store(other / "models").list_models()[0].display == "demo:v1"
+
+
+def test_install_with_credentials_from_a_docker_credential_helper(basic_registry, team_ca, tmp_path):
+    """A colleague whose `docker login` went to a credential store (Docker Desktop, pass): install finds
+    the password through the helper, and neither its answer nor the password is printed."""
+    laptop, other = tmp_path / "laptop", tmp_path / "other"
+    make_store_model(laptop / "models")
+    p = cli(["publish", "demo", "--registry", f"{basic_registry.host}/team", "--tag", "v1", "--store",
+             str(laptop / "models"), "--username", "alice", "--password-stdin", "--ca-cert", str(team_ca.pem)],
+            laptop, stdin=GOOD + "\n")
+    assert p.returncode == 0, p.stderr
+    env = fake_credential_helper(other / "bin", "desktop", {basic_registry.host: ("alice", GOOD)})
+    (other / ".docker").mkdir(parents=True)
+    (other / ".docker" / "config.json").write_text(json.dumps({"auths": {basic_registry.host: {}},
+                                                                "credsStore": "desktop"}))
+    p = cli(["install", f"{basic_registry.host}/team/demo:v1", "--store", str(other / "models"),
+             "--ca-cert", str(team_ca.pem)], other, env=env)
+    assert p.returncode == 0, p.stderr
+    assert Store(other / "models").list_models()[0].display == "demo:v1"
+    assert GOOD not in p.stdout + p.stderr
 
 
 def test_password_prompt_on_a_terminal_is_not_echoed(basic_registry, team_ca, tmp_path):

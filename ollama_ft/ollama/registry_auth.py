@@ -1,12 +1,14 @@
 """Who we are to a registry: credentials, where they come from, and the auth flows of the distribution spec.
 
-Credentials, first match wins (the order container tools use, minus their credential helpers):
+Credentials, first match wins (the order container tools use):
 
 1. `--username USER` with the password from `--password-stdin` or a terminal prompt (never an argument:
    arguments show in `ps` and shell history);
 2. `$OLLAMA_FT_REGISTRY_USER` + `$OLLAMA_FT_REGISTRY_PASSWORD`;
-3. the registry's `auths` entry of `$DOCKER_CONFIG/config.json` (default `~/.docker/config.json`),
-   as `docker login` writes it (`auth` = base64 of `user:password`).
+3. `$DOCKER_CONFIG/config.json` (default `~/.docker/config.json`) as docker reads it: the credential
+   helper named for the host in `credHelpers`, else the `credsStore` helper (Docker Desktop, `pass`,
+   `secretservice`: `docker-credential-NAME get`, the docker-credential-helpers protocol), else the
+   host's `auths` entry as `docker login` writes it without a helper (`auth` = base64 of `user:password`).
 
 `RegistryAuth` is an `httpx.Auth` flow. It sends nothing until the registry answers 401, then follows
 the challenge: `Basic` (htpasswd) resends with the credentials; `Bearer realm=...,service=...,scope=...`
@@ -26,6 +28,7 @@ import binascii
 import getpass
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -78,7 +81,7 @@ def resolve_credentials(host: str, username: str | None = None, password_stdin: 
             raise UserError(f"${ENV_USER} and ${ENV_PASSWORD} go together: ${missing} is not set",
                             hint=f"export both, or unset both to use {docker_config_path(environ)}")
         return Credentials(user, password, f"${ENV_USER}")
-    return docker_credentials(host, docker_config or docker_config_path(environ))
+    return docker_credentials(host, docker_config or docker_config_path(environ), environ)
 
 
 def _read_password(username: str, host: str, from_stdin: bool, stdin) -> str:
@@ -105,8 +108,8 @@ def docker_config_path(environ=None) -> Path:
     return (Path(base).expanduser() if base else Path.home() / ".docker") / "config.json"
 
 
-def docker_credentials(host: str, path: Path) -> Credentials | None:
-    """The `auths` entry for `host` in a docker config.json (`docker login` writes it), or None."""
+def docker_credentials(host: str, path: Path, environ=None) -> Credentials | None:
+    """`host`'s credentials in a docker config.json: its credential helper, else the file's `auths` entry."""
     if not path.is_file():
         return None
     try:
@@ -115,7 +118,14 @@ def docker_credentials(host: str, path: Path) -> Credentials | None:
         raise UserError(f"{path}: not readable JSON ({e})",
                         hint="fix or remove the file, or give credentials with --username / "
                              f"{ENV_USER}") from None
-    auths = cfg.get("auths") if isinstance(cfg, dict) else None
+    if not isinstance(cfg, dict):
+        return None
+    helpers = cfg.get("credHelpers") if isinstance(cfg.get("credHelpers"), dict) else {}
+    helper = next((v for k, v in helpers.items() if _auth_key_host(k) == host.lower()), None) \
+        or cfg.get("credsStore")
+    if isinstance(helper, str) and helper:
+        return helper_credentials(helper, host, path, os.environ if environ is None else environ)
+    auths = cfg.get("auths")
     if not isinstance(auths, dict):
         return None
     entry = next((v for k, v in auths.items() if _auth_key_host(k) == host.lower()), None)
@@ -134,6 +144,43 @@ def docker_credentials(host: str, path: Path) -> Credentials | None:
     if entry.get("username") and entry.get("password"):
         return Credentials(entry["username"], entry["password"], f"{path} auths[{host}]")
     return None
+
+
+HELPER_TIMEOUT_S = 60  # a helper may wait for a keychain unlock dialog
+
+
+def helper_credentials(helper: str, host: str, config: Path, environ) -> Credentials | None:
+    """`docker-credential-HELPER get` with the registry on stdin -> {"Username", "Secret"}, or None when
+    the helper holds nothing for it. Its output is never shown: it carries the secret."""
+    program = f"docker-credential-{helper}"
+    try:
+        p = subprocess.run([program, "get"], input=host, capture_output=True, text=True,
+                           timeout=HELPER_TIMEOUT_S, env=dict(environ))
+    except FileNotFoundError:
+        raise UserError(f"{config} names the credential helper {helper!r}, but {program} is not on PATH",
+                        hint=f"install {program}, log in again without it, or use --username / {ENV_USER}") from None
+    except subprocess.TimeoutExpired:
+        raise UserError(f"{program} did not answer within {HELPER_TIMEOUT_S} s (a locked keychain?)",
+                        hint=f"unlock it and retry, or use --username / {ENV_USER}") from None
+    if p.returncode != 0:
+        # The protocol's "not found" answer; anything else is the helper's own error (no secret in it).
+        said = (p.stdout.strip() or p.stderr.strip()).splitlines()[:1]
+        if said and "credentials not found" in said[0].lower():
+            return None
+        raise UserError(f"{program} get failed for {host} (exit status {p.returncode}: {said[0][:200] if said else ''})",
+                        hint=f"check `{program} list`, log in again (`docker login {host}`), or use --username")
+    try:
+        answer = json.loads(p.stdout)
+        user, secret = answer["Username"], answer["Secret"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{program} get answered {host} with something other than "
+                        "{\"Username\": ..., \"Secret\": ...}", hint="update the credential helper") from None
+    if user == "<token>":
+        raise UserError(f"{program} holds an identity token for {host}, which ollama-ft cannot use",
+                        hint=f"log in with a user name and password (`docker login {host}`), or use --username")
+    if not (isinstance(user, str) and user and isinstance(secret, str) and secret):
+        return None
+    return Credentials(user, secret, f"{program} ({config})")
 
 
 def _auth_key_host(key: str) -> str:
