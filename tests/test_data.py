@@ -98,6 +98,30 @@ def test_alpaca_csv_with_and_without_input(tmp_path):
     assert recs[1].messages[0]["content"] == "Translate\n\nhello"
 
 
+def test_key_facts_are_read_from_every_format_and_kept_on_the_record(tmp_path):
+    """A record's "facts" (what eval checks the answer states): a JSON list, a CSV cell "a; b" or a JSON
+    list in a cell, a Parquet list column; a malformed value is a warning and the record still trains."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    csv = tmp_path / "f.csv"
+    csv.write_text('instruction,output,facts\nWhen?,From 7:40 to 18:20.,7:40; 18:20\n'
+                   'Where?,Room 3A.,"[""3A""]"\nWho?,Nobody.,\n')
+    recs, rep = _read(csv)
+    assert [r.facts for r in recs] == [["7:40", "18:20"], ["3A"], None] and rep.errors == 0
+    assert recs[0].as_json()["facts"] == ["7:40", "18:20"] and "facts" not in recs[2].as_json()
+
+    pqf = tmp_path / "f.parquet"
+    pq.write_table(pa.table({"prompt": ["When?"], "completion": ["At 9:15."], "facts": [["9:15"]]}), pqf)
+    assert _read(pqf)[0][0].facts == ["9:15"]
+
+    bad = tmp_path / "b.jsonl"
+    bad.write_text(json.dumps({"messages": _msgs("When?", "At 9:15."), "facts": {"time": "9:15"}}) + "\n")
+    recs, rep = _read(bad)
+    assert len(recs) == 1 and recs[0].facts is None and rep.warnings == 1 and rep.errors == 0
+    assert "\"facts\" must be a list" in str(rep.problems[0]) and rep.problems[0].where == "1"
+
+
 def test_messages_in_csv_cells_and_tsv(tmp_path):
     p = tmp_path / "m.tsv"
     p.write_text("messages\n" + json.dumps(_msgs(*QA[0])) + "\n")
@@ -348,6 +372,20 @@ def test_build_data_writes_the_stage_contract(tmp_path, tiny_llama, tok):
     first = json.loads((out / "train.jsonl").read_text().splitlines()[0])
     assert set(first) == {"id", "messages"}
     assert [r["id"] for r in _rows(out, "train")][0] == first["id"]
+
+
+def test_a_csv_records_facts_reach_the_eval_through_test_jsonl(tmp_path, tiny_llama):
+    from ollama_ft.eval import facts as ef
+
+    rows = ["instruction,output,facts"] + [f"When is slot {i}?,Slot {i} starts at {i % 12 + 1}:15.,{i % 12 + 1}:15"
+                                           for i in range(40)]
+    src = tmp_path / "d.csv"
+    src.write_text("\n".join(rows) + "\n")
+    build_data(_cfg(src), tiny_llama, tmp_path / "data")
+    test = [json.loads(x) for x in (tmp_path / "data" / "test.jsonl").read_text().splitlines()]
+    assert test and all(r["facts"] == [r["messages"][-1]["content"].split(" at ")[1].rstrip(".")] for r in test)
+    facts, source = ef.example_facts(test, {})  # nothing read from the source file
+    assert source == "the data file's \"facts\"" and [f.text for f in facts[0]] == test[0]["facts"]
 
 
 def test_masking_trains_only_assistant_turns_and_end_of_turn(tmp_path, tiny_llama, tok):

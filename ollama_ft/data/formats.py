@@ -59,9 +59,10 @@ class Record:
     source: str  # file:line, for messages about this record later on
     category: str | None = None  # the record's "category" field (balance report, balanced sampling)
     timestamp: float | None = None  # the record's "timestamp" as epoch seconds (data.split: time)
+    facts: list[str] | None = None  # what the answer must state (eval's key facts), from "facts"
 
     def as_json(self) -> dict[str, Any]:
-        return {"id": self.id, "messages": self.messages}
+        return {"id": self.id, "messages": self.messages, **({"facts": self.facts} if self.facts else {})}
 
 
 # ------------------------------------------------------------------------------------------
@@ -304,7 +305,10 @@ def iter_records(path: Path, fmt: str, report: Report) -> Iterator[tuple[Record,
             report.formats[ffmt] += 1
             cat = obj.get("category")
             cat = str(cat).strip() if isinstance(cat, (str, int)) and str(cat).strip() else None
-            yield Record(rid, msgs, split, f"{name}:{where}", cat, ts), exact, norm
+            facts, facts_prob = facts_field(obj, name, where)
+            if facts_prob:
+                report.add(facts_prob)  # a warning: the record still trains; eval derives its facts
+            yield Record(rid, msgs, split, f"{name}:{where}", cat, ts, facts), exact, norm
 
 
 def _with_format(rows: Iterator[tuple[str, Any, list[Problem]]], fmt: str | None,
@@ -344,6 +348,30 @@ def _split_field(obj: dict, file: str, where: str) -> tuple[str | None, Problem 
         return None, Problem(file, where, "split", f"unknown split {v!r}; expected train, validation or test",
                              "bad_split")
     return s, None
+
+
+def facts_field(obj: dict, file: str, where: str) -> tuple[list[str] | None, Problem | None]:
+    """The record's "facts": a JSON list of strings/numbers, or (a CSV or Parquet cell) a string holding
+    a JSON list or "7:40; 18:20" (semicolon-separated)."""
+    v = obj.get("facts")
+    if v is None or v == "" or v == []:
+        return None, None
+    if isinstance(v, str):
+        text = v.strip()
+        if text.startswith("["):
+            try:
+                v = json.loads(text)
+            except json.JSONDecodeError:
+                v = None
+        else:
+            v = [x.strip() for x in text.split(";") if x.strip()]
+    elif hasattr(v, "tolist"):  # a Parquet list column arrives as a numpy array
+        v = v.tolist()
+    if isinstance(v, list) and v and all(isinstance(x, (str, int, float)) and str(x).strip() for x in v):
+        return [str(x).strip() for x in v], None
+    return None, Problem(file, where, "facts", f"\"facts\" must be a list of strings (or \"a; b\"), got "
+                         f"{str(obj.get('facts'))[:60]!r}; the record is kept and its key facts are derived "
+                         "from the answer", "bad_facts", "warning")
 
 
 TIMESTAMP_FIELDS = ("timestamp", "created_at", "date", "time")

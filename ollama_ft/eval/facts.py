@@ -293,8 +293,8 @@ def median_example(recall: Sequence[float | None]) -> int | None:
 
 def given_facts(paths: Iterable[Path]) -> dict[str, list[str]]:
     """Facts that the data files carry (`"facts": [...]` on a JSON Lines / JSON record), by record id
-    and by reference answer text (the data stage keeps ids but not extra fields, so eval reads them
-    from the source). Other formats carry none; their facts are derived from the reference."""
+    and by reference answer text: for runs whose data stage predates writing "facts" into test.jsonl
+    (it does now, for every input format)."""
     out: dict[str, list[str]] = {}
     for path in paths:
         files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
@@ -337,7 +337,9 @@ def example_facts(records: Sequence[dict[str, Any]], given: dict[str, list[str]]
     out, sources = [], set()
     for rec in records:
         ref = rec["messages"][-1]["content"]
-        strs = given.get(f"id:{rec.get('id')}") or given.get(f"ref:{ref}")
+        # The data stage writes a record's own "facts" into test.jsonl; `given` (read from the source
+        # files) covers runs whose data stage is older than that.
+        strs = rec.get("facts") or given.get(f"id:{rec.get('id')}") or given.get(f"ref:{ref}")
         sources.add("the data file's \"facts\"" if strs else "derived from the reference")
         out.append(facts_for(ref, strs))
     return out, " and ".join(sorted(sources)) or "none"
