@@ -195,11 +195,21 @@ def plan(
     budget: Annotated[str, typer.Option(help="GPU memory budget, e.g. 16GB")] = "16GB",
     set_: SetOpt = None,
     ram: Annotated[str | None, typer.Option(help="System RAM budget for merge/export, e.g. 16GB")] = None,
+    device: Annotated[str, typer.Option(help="cuda: training on a GPU (--budget is its memory); cpu: on this "
+                                             "machine (--budget is RAM; also estimates the time per step "
+                                             "from a matmul measured now)")] = "cuda",
 ) -> None:
-    """Predict peak memory for training, merge and export from the model config alone; go/no-go."""
+    """Predict peak memory for training, merge and export from the model config alone; go/no-go.
+
+    On a 16 GB GPU:  ollama-ft plan configs/qwen2.5-7b.yaml --budget 16GB
+
+    On this CPU:     ollama-ft plan configs/demo.yaml --device cpu --budget 8GB
+    """
     from .train.plan_report import plan_command
 
-    plan_command(config, budget=budget, overrides=list(set_ or []), ram=ram)
+    if device not in ("cuda", "cpu"):
+        raise UserError(f"--device {device!r}: expected cuda or cpu", hint="cuda plans for a GPU, cpu for this machine")
+    plan_command(config, budget=budget, overrides=list(set_ or []), ram=ram, device=device)
 
 
 @app.command()

@@ -6,8 +6,11 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 COMMANDS = ["pull", "data", "plan", "train", "merge", "export", "modelfile", "register", "run", "publish",
             "install", "eval", "status", "doctor"]
@@ -62,3 +65,13 @@ def test_doctor_reports_missing_ollama_with_fix():
     out = p.stdout + p.stderr
     assert "Ollama server" in out and "not reachable" in out and "ollama serve" in out
     assert "llama-cpp-python" in out and "bitsandbytes" in out
+
+
+def test_plan_on_this_cpu_and_a_device_it_does_not_know(tmp_path):
+    p = cli("plan", str(ROOT / "configs" / "demo.yaml"), "--device", "cpu", "--budget", "8GB",
+            "--set", f"runs_dir={tmp_path}")
+    assert p.returncode == 0, p.stderr
+    out = " ".join(p.stdout.split())
+    assert "training peak on CPU" in out and "time on this CPU" in out and "GO: training needs" in out
+    p = cli("plan", str(ROOT / "configs" / "demo.yaml"), "--device", "tpu")
+    assert p.returncode == 1 and "--device 'tpu': expected cuda or cpu" in p.stderr and "Traceback" not in p.stderr
