@@ -49,19 +49,17 @@ def safetensors_summary(d: Path) -> dict[str, Any]:
             "files": files, "tensors": tensors}
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from path ({} when missing); a damaged file is a UserError naming file:line."""
+def read_json(path: Path, hint: str = "the model directory looks damaged; fetch it again") -> dict[str, Any]:
+    """A JSON object from path ({} when missing); a damaged file is a UserError naming file:line, with
+    `hint` saying what to do about it."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})",
-                        hint="the model directory looks damaged; fetch it again") from None
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})", hint=hint) from None
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})",
-                        hint="the model directory looks damaged; fetch it again") from None
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})", hint=hint) from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}",
-                        hint="the model directory looks damaged; fetch it again")
+        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}", hint=hint)
     return data

@@ -29,6 +29,7 @@ from typing import Any
 
 from .errors import UserError
 from .files import sha256_file
+from .hf_dir import read_json
 
 # Order matters: it is the pipeline order, and "stale" propagates downstream.
 # eval runs before register: registration is gated on it (a significantly worse model is refused).
@@ -188,14 +189,7 @@ class Run:
     def load_manifest(self) -> dict[str, Any]:
         if not self.manifest_path.exists():
             return {"run": self.root.name, "stages": {}}
-        try:
-            m = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{self.manifest_path}:{e.lineno}: manifest is not valid JSON ({e.msg})",
-                            hint="delete it to rebuild every stage, or restore it from backup") from None
-        except UnicodeDecodeError as e:
-            raise UserError(f"{self.manifest_path}: manifest is not UTF-8 text ({e.reason} at byte {e.start})",
-                            hint="delete it to rebuild every stage, or restore it from backup") from None
+        m = read_json(self.manifest_path, hint="delete it to rebuild every stage, or restore it from backup")
         if not (isinstance(m, dict) and isinstance(m.get("stages", {}), dict)
                 and all(isinstance(v, dict) for v in m.get("stages", {}).values())):
             raise UserError(f"{self.manifest_path}: not an ollama-ft manifest (expected an object with \"stages\")",
