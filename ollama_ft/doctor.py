@@ -74,9 +74,11 @@ def check_torch() -> list[Check]:
         checks.append(Check("CUDA GPU", True, f"{name}, {mem} GiB, bf16={'yes' if bf16 == 'True' else 'no (fp16 used)'}",
                             required=False))
     else:
+        cuda_build = "+cpu" not in ver
         checks.append(Check("CUDA GPU", False, "none (training runs on CPU: fine for the demo, slow for 7B)",
-                            "for GPU training install a CUDA torch into .venv before `make install` (README)",
-                            required=False))
+                            f"torch {ver} is a CUDA build: a GPU needs the NVIDIA driver (`nvidia-smi` lists it)"
+                            if cuda_build else "for GPU training install a CUDA torch into .venv before "
+                            "`make install` (README, GPU users)", required=False))
     return checks
 
 
@@ -158,8 +160,9 @@ def check_gguf_module() -> Check:
     rc, out = _probe(
         """
         from transformers.utils import is_gguf_available
-        import gguf
-        print(f"gguf {getattr(gguf, '__version__', '?')}, transformers GGUF loading: {is_gguf_available()}")
+        import importlib.metadata
+        import gguf  # noqa: F401 - the import is what is checked
+        print(f"gguf {importlib.metadata.version('gguf')}, transformers GGUF loading: {is_gguf_available()}")
         assert is_gguf_available()
         """
     )
