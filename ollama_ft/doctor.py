@@ -60,12 +60,12 @@ def check_torch() -> list[Check]:
         c = choose('auto', 'cuda' if cuda else 'cpu')
         from ollama_ft.train.model import resolve_attn_implementation
         attn, attn_why = resolve_attn_implementation('auto', 'cuda' if cuda else 'cpu')
-        print(f"{torch.__version__}|{cuda}|{name}|{bf16}|{mem:.1f}|{c.name}|{attn}|{c.reason}|{attn_why}")
+        print(f"{torch.__version__}|{cuda}|{name}|{bf16}|{mem:.1f}|{c.name}|{attn}|{torch.version.cuda}|{c.reason}|{attn_why}")
         """
     )
     if rc != 0:
         return [Check("torch", False, out, "run `make install` (CPU) or install a CUDA torch first, see README")]
-    ver, cuda, name, bf16, mem, dtype, attn, why, attn_why = out.split("|", 8)
+    ver, cuda, name, bf16, mem, dtype, attn, built_for_cuda, why, attn_why = out.split("|", 9)
     checks = [Check("torch", True, ver),
               Check("compute dtype", True, f"{dtype} ({why}); override with model.compute_dtype", required=False),
               Check("attention", True, f"{attn_why}; model.attn_implementation (or a guide's `attention.type: "
@@ -74,7 +74,7 @@ def check_torch() -> list[Check]:
         checks.append(Check("CUDA GPU", True, f"{name}, {mem} GiB, bf16={'yes' if bf16 == 'True' else 'no (fp16 used)'}",
                             required=False))
     else:
-        cuda_build = "+cpu" not in ver
+        cuda_build = built_for_cuda not in ("None", "")
         checks.append(Check("CUDA GPU", False, "none (training runs on CPU: fine for the demo, slow for 7B)",
                             f"torch {ver} is a CUDA build: a GPU needs the NVIDIA driver (`nvidia-smi` lists it)"
                             if cuda_build else "for GPU training install a CUDA torch into .venv before "
