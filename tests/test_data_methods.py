@@ -324,3 +324,37 @@ def test_perplexity_pass_that_cannot_fit_stops_before_loading(tmp_path, tiny_lla
         build_data(_cfg(src, "data.quality.perplexity_outliers.action=flag", "model.compute_dtype=float32"),
                    tiny_llama, tmp_path / "data")
     assert "batch_size" in e.value.hint
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_screen_memory_matches_the_measured_peak_of_a_scoring_pass(dtype):
+    """The perplexity screen's memory formula (what the data stage checks before loading and what
+    `ollama-ft plan` shows) against the peak RSS of batch_nll on a tiny model with a real-size vocabulary:
+    4 packed examples x 1024 trained positions x 32000 logits. Runs in a child process so the peak is its own."""
+    import subprocess
+    import sys
+
+    code = f"""
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from ollama_ft.data.quality import batch_nll, screen_memory
+torch.set_num_threads(2)
+dtype = torch.{dtype}
+cfg = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2)
+model = LlamaForCausalLM(cfg).to(dtype).eval()
+batch = [(list(range(1, 1025)), [-100] + list(range(2, 1025))) for _ in range(4)]
+def rss(field):
+    return next(int(ln.split()[1]) * 1024 for ln in open("/proc/self/status") if ln.startswith(field))
+batch_nll(model, [(batch[0][0][:8], batch[0][1][:8])], "cpu")  # kernels loaded, allocator still small
+base = rss("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+batch_nll(model, batch, "cpu")
+parts = screen_memory(0, dtype.itemsize, 4, 32000, 1024, 64, 128)
+print(rss("VmHWM:") - base, sum(v for k, v in parts.items() if not k.startswith("base")))
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    measured, predicted = map(float, p.stdout.split()[-2:])
+    # Measured 0.89-1.03 x predicted in bf16 and 0.96 x in fp32 on the AMD EPYC (allocator timing varies).
+    assert 0.6 * predicted <= measured <= 1.25 * predicted, (measured, predicted)

@@ -246,7 +246,7 @@ def test_plan_sizes_the_data_stages_perplexity_screen(tmp_path, capsys):
     b = plan_command(cfg, budget="16GB", overrides=[f"runs_dir={tmp_path}"])
     out = " ".join(capsys.readouterr().out.split())
     d = ModelDims.from_config(R1_QWEN_7B)
-    want = screen_memory(d.parameters, 2, 2, d.vocab, base["data"]["max_length"])
+    want = screen_memory(d.parameters, 2, 2, d.vocab, base["data"]["max_length"], d.hidden, d.intermediate)
     assert b.data == pytest.approx({**want, "CUDA context": 0.5 * GIB})
     assert b.data_total > 16 * GB  # 7.6B parameters unquantized in bf16 (+20%) do not fit 16 GB
     assert "NO-GO: the data stage's perplexity screen needs" in out and "GO: training needs" in out

@@ -31,7 +31,7 @@ from ollama_ft.ollama.registry_push import publish_command, push
 from ollama_ft.ollama.registry_source import resolve_source
 from ollama_ft.ollama.store import MEDIA_MANIFEST, Store
 from tests.registry_secure import TestCA, TokenServer, write_htpasswd
-from tests.registry_server import BINARY, start_registry
+from tests.registry_server import BINARY, oci_registry_fixture, start_registry  # noqa: F401 - `oci_registry`
 from tests.test_registry import Meter, make_run, make_store_model, sha
 
 GOOD = "correct horse 7Q!battery"  # alice's password: grepped for in every output and file
@@ -148,7 +148,7 @@ def test_credentials_are_found_in_the_stated_order(tmp_path):
 
 
 def fake_credential_helper(bindir: Path, name: str, store: dict[str, tuple[str, str]], *,
-                           exit_status: int | None = None) -> dict[str, str]:
+                           exit_status: int | None = None, leak: bool = False) -> dict[str, str]:
     """A `docker-credential-NAME` program speaking the docker-credential-helpers protocol on `store`
     (host -> (user, secret)); returns an environment with it on PATH."""
     bindir.mkdir(parents=True, exist_ok=True)
@@ -160,9 +160,12 @@ def fake_credential_helper(bindir: Path, name: str, store: dict[str, tuple[str, 
         assert sys.argv[1:] == ["get"], sys.argv
         host = sys.stdin.read().strip()
         status = {exit_status!r}
+        entry = json.loads(store).get(host)
+        if {leak!r}:  # a wrapper that prints the answer, then fails: the secret is on stdout and stderr
+            print(json.dumps({{"ServerURL": host, **entry}}))
+            print("failed after " + json.dumps(entry), file=sys.stderr); sys.exit(1)
         if status is not None:
             print("keychain is locked", file=sys.stderr); sys.exit(status)
-        entry = json.loads(store).get(host)
         if entry is None:
             print("credentials not found in native keychain"); sys.exit(1)
         print(json.dumps({{"ServerURL": host, **entry}}))
@@ -190,8 +193,19 @@ def test_docker_credential_helpers_are_asked_as_docker_asks_them(tmp_path):
         A.resolve_credentials(host, environ=env, docker_config=cfg)
     locked = fake_credential_helper(tmp_path / "bin2", "locked", {}, exit_status=3)
     cfg.write_text(json.dumps({"credsStore": "locked"}))
-    with pytest.raises(UserError, match=r"docker-credential-locked get failed .*exit status 3: keychain is locked"):
+    with pytest.raises(A.HelperUnavailable, match=r"docker-credential-locked get failed .*exit status 3: keychain is locked"):
         A.resolve_credentials(host, environ=locked, docker_config=cfg)
+    leaky = fake_credential_helper(tmp_path / "bin3", "leaky", {host: ("lea", "LEAKED-pw")}, leak=True)
+    cfg.write_text(json.dumps({"credsStore": "leaky"}))
+    with pytest.raises(A.HelperUnavailable) as e:
+        A.resolve_credentials(host, environ=leaky, docker_config=cfg)
+    assert "LEAKED-pw" not in e.value.message + e.value.hint and "exit status 1" in e.value.message
+    noexec = tmp_path / "bin4"
+    noexec.mkdir()
+    (noexec / "docker-credential-noexec").write_text("#!/bin/sh\n")  # on PATH, not executable
+    cfg.write_text(json.dumps({"credsStore": "noexec"}))
+    with pytest.raises(A.HelperUnavailable, match="docker-credential-noexec cannot be run"):
+        A.resolve_credentials(host, environ={"PATH": str(noexec)}, docker_config=cfg)
 
 
 def test_credential_mistakes_are_clear_and_never_echo_the_password(tmp_path):
@@ -286,6 +300,25 @@ def test_install_with_credentials_from_a_docker_credential_helper(basic_registry
     assert p.returncode == 0, p.stderr
     assert Store(other / "models").list_models()[0].display == "demo:v1"
     assert GOOD not in p.stdout + p.stderr
+
+
+def test_a_broken_credential_helper_stops_only_a_login(basic_registry, oci_registry, team_ca, tmp_path):
+    """A Docker Desktop config on a machine without the helper: an open registry still works (a warning),
+    a registry that asks for a login is refused with the helper's problem as the reason."""
+    home = tmp_path / "server"
+    make_store_model(home / "models")
+    (home / ".docker").mkdir(parents=True)
+    (home / ".docker" / "config.json").write_text(json.dumps({"credsStore": "desktop"}))
+    env = {"PATH": os.environ["PATH"]}  # no docker-credential-desktop on it
+    p = cli(["publish", "demo", "--registry", f"{oci_registry.host}/team", "--store", str(home / "models")],
+            home, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "docker-credential-desktop is not on PATH; going on without credentials" in " ".join(p.stderr.split())
+    before = basic_registry.stored_blobs()
+    p = cli(["publish", "demo", "--registry", f"{basic_registry.host}/team", "--store", str(home / "models"),
+             "--ca-cert", str(team_ca.pem)], home, env=env)
+    assert_one_error(p, "requires a login", "the credentials could not be read", "docker-credential-desktop")
+    assert basic_registry.stored_blobs() == before  # nothing uploaded
 
 
 def test_password_prompt_on_a_terminal_is_not_echoed(basic_registry, team_ca, tmp_path):

@@ -95,13 +95,27 @@ def score(base_dir: Path, examples: list[tuple[list[int], list[int]]], compute_d
     return [cache[k] for k in keys], info
 
 
-def screen_memory(parameters: int, dtype_bytes: int, batch_size: int, vocab: int,
-                  rows_per_example: int) -> dict[str, float]:
-    """Peak bytes of the perplexity screen by component (pure; `ollama-ft plan` shows the same figures):
-    the base unquantized in the compute dtype (+20% for buffers) and a batch's answer logits in fp32
-    (at most rows_per_example answer positions per example: the longest example, or data.max_length)."""
+SCORE_ROWS = 256  # answer positions turned into fp32 log-probabilities at once (batch_nll)
+
+
+def screen_memory(parameters: int, dtype_bytes: int, batch_size: int, vocab: int, rows_per_example: int,
+                  hidden: int, intermediate: int, softcap: bool = False) -> dict[str, float]:
+    """Peak bytes of the perplexity screen by component (pure; `ollama-ft plan` shows the same figures).
+
+    rows_per_example: answer positions per example, at most (the longest example, or data.max_length);
+    a batch is one packed row of batch_size x rows_per_example tokens. Terms: the base unquantized in
+    the compute dtype (+20% for buffers); the answer logits in the compute dtype (twice with final-logit
+    soft-capping, which makes a copy); two chunks of SCORE_ROWS rows in fp32 (the cast unless already fp32,
+    and the log-softmax); one decoder layer's forward activations (no gradients are kept); the packed
+    row's block-diagonal attention mask (one byte per token pair). Checked against the measured peak on
+    a tiny model (tests/test_data_methods.py)."""
+    tokens = batch_size * rows_per_example
     return {"base unquantized (compute dtype, +20%)": parameters * dtype_bytes * 1.2,
-            "answer logits (fp32)": batch_size * rows_per_example * vocab * 4}
+            "answer logits (compute dtype)": tokens * vocab * dtype_bytes * (2 if softcap else 1),
+            # two chunks: the allocator may still hold the previous one when the next is made
+            "chunks of log-probabilities (fp32)": min(tokens, 2 * SCORE_ROWS) * vocab * (4 if dtype_bytes == 4 else 8),
+            "one layer's activations": tokens * (3 * intermediate + 6 * hidden) * dtype_bytes,
+            "attention mask (packed row)": tokens * tokens}
 
 
 def _check_memory(base_dir: Path, dt, device: str, batch_size: int, rows_per_example: int) -> int:
@@ -114,9 +128,12 @@ def _check_memory(base_dir: Path, dt, device: str, batch_size: int, rows_per_exa
 
     params = safetensors_summary(base_dir)["parameters"]
     conf = read_json(base_dir / "config.json")
-    vocab = int(conf.get("vocab_size") or (conf.get("text_config") or {}).get("vocab_size") or 0)
+    text = {**conf, **(conf.get("text_config") or {})}
     dtype_bytes = torch.empty(0, dtype=dt.torch_dtype).element_size()
-    need = int(sum(screen_memory(params, dtype_bytes, batch_size, vocab, rows_per_example).values()))
+    need = int(sum(screen_memory(params, dtype_bytes, batch_size, int(text.get("vocab_size") or 0),
+                                 rows_per_example, int(text.get("hidden_size") or 0),
+                                 int(text.get("intermediate_size") or 0),
+                                 bool(text.get("final_logit_softcapping"))).values()))
     free = torch.cuda.mem_get_info()[0] if device == "cuda" else psutil.virtual_memory().available
     if need > free:
         raise UserError(f"data.quality.perplexity_outliers: scoring needs about {need / 2**30:.1f} GiB "
@@ -152,8 +169,13 @@ def batch_nll(model, batch: list[tuple[list[int], list[int]]], device: str) -> l
     with torch.no_grad():  # no cache: with one, transformers skips the packed-sequence (block-diagonal) mask
         out = model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([pos], device=device),
                     logits_to_keep=torch.tensor(keep, device=device), use_cache=False)
-        logits = out.logits[0].float()
-        nll = torch.nn.functional.cross_entropy(logits, torch.tensor(targets, device=device), reduction="none")
+        logits = out.logits[0]
+        del out
+        tgt = torch.tensor(targets, device=device)
+        nll = torch.empty(len(keep), device=device)
+        for a in range(0, len(keep), SCORE_ROWS):  # fp32 softmax rows a chunk at a time: a bounded peak
+            b = a + SCORE_ROWS
+            nll[a:b] = torch.nn.functional.cross_entropy(logits[a:b].float(), tgt[a:b], reduction="none")
         own = torch.tensor(owner, device=device)
         sums = torch.zeros(len(batch), device=device).index_add_(0, own, nll)
         counts = torch.zeros(len(batch), device=device).index_add_(0, own, torch.ones_like(nll))

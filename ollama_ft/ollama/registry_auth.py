@@ -149,6 +149,11 @@ def docker_credentials(host: str, path: Path, environ=None) -> Credentials | Non
 HELPER_TIMEOUT_S = 60  # a helper may wait for a keychain unlock dialog
 
 
+class HelperUnavailable(UserError):
+    """The docker credential helper could not answer. Not fatal by itself: a registry that needs no login
+    still works, and one that asks for a login is refused with this reason (registry_client)."""
+
+
 def helper_credentials(helper: str, host: str, config: Path, environ) -> Credentials | None:
     """`docker-credential-HELPER get` with the registry on stdin -> {"Username", "Secret"}, or None when
     the helper holds nothing for it. Its output is never shown: it carries the secret."""
@@ -157,30 +162,43 @@ def helper_credentials(helper: str, host: str, config: Path, environ) -> Credent
         p = subprocess.run([program, "get"], input=host, capture_output=True, text=True,
                            timeout=HELPER_TIMEOUT_S, env=dict(environ))
     except FileNotFoundError:
-        raise UserError(f"{config} names the credential helper {helper!r}, but {program} is not on PATH",
-                        hint=f"install {program}, log in again without it, or use --username / {ENV_USER}") from None
+        raise HelperUnavailable(f"{config} names the credential helper {helper!r}, but {program} is not on PATH",
+                                hint=f"install {program}, log in again without it, or use --username / "
+                                     f"{ENV_USER}") from None
+    except OSError as e:  # on PATH but not runnable (not executable, wrong architecture)
+        raise HelperUnavailable(f"{config} names the credential helper {helper!r}, but {program} cannot be "
+                                f"run ({e.strerror})", hint=f"reinstall {program}, or use --username") from None
     except subprocess.TimeoutExpired:
-        raise UserError(f"{program} did not answer within {HELPER_TIMEOUT_S} s (a locked keychain?)",
-                        hint=f"unlock it and retry, or use --username / {ENV_USER}") from None
+        raise HelperUnavailable(f"{program} did not answer within {HELPER_TIMEOUT_S} s (a locked keychain?)",
+                                hint=f"unlock it and retry, or use --username / {ENV_USER}") from None
     if p.returncode != 0:
-        # The protocol's "not found" answer; anything else is the helper's own error (no secret in it).
-        said = (p.stdout.strip() or p.stderr.strip()).splitlines()[:1]
-        if said and "credentials not found" in said[0].lower():
+        # Its stdout is the protocol's answer and may carry the secret: it is only matched, never shown.
+        if "credentials not found" in p.stdout.lower():
             return None
-        raise UserError(f"{program} get failed for {host} (exit status {p.returncode}: {said[0][:200] if said else ''})",
-                        hint=f"check `{program} list`, log in again (`docker login {host}`), or use --username")
+        said = _safe_line(p.stderr)
+        raise HelperUnavailable(f"{program} get failed for {host} (exit status {p.returncode}"
+                                + (f": {said})" if said else ")"),
+                                hint=f"check `{program} list`, log in again (`docker login {host}`), or use "
+                                     "--username")
     try:
         answer = json.loads(p.stdout)
         user, secret = answer["Username"], answer["Secret"]
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"{program} get answered {host} with something other than "
-                        "{\"Username\": ..., \"Secret\": ...}", hint="update the credential helper") from None
+        raise HelperUnavailable(f"{program} get answered {host} with something other than "
+                                "{\"Username\": ..., \"Secret\": ...}", hint="update the credential helper") from None
     if user == "<token>":
-        raise UserError(f"{program} holds an identity token for {host}, which ollama-ft cannot use",
-                        hint=f"log in with a user name and password (`docker login {host}`), or use --username")
+        raise HelperUnavailable(f"{program} holds an identity token for {host}, which ollama-ft cannot use",
+                                hint=f"log in with a user name and password (`docker login {host}`), or use "
+                                     "--username")
     if not (isinstance(user, str) and user and isinstance(secret, str) and secret):
         return None
     return Credentials(user, secret, f"{program} ({config})")
+
+
+def _safe_line(text: str) -> str:
+    """The first line of a helper's stderr for a message, unless it looks like it holds a credential."""
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")[:200]
+    return "" if any(w in line.lower() for w in ("secret", "password", "token", "{")) else line
 
 
 def _auth_key_host(key: str) -> str:
@@ -226,8 +244,10 @@ class RegistryAuth(httpx.Auth):
     """Basic and bearer-token auth for one repository, with the scope one operation needs."""
 
     def __init__(self, credentials: Credentials | None, repository: str, actions: tuple[str, ...],
-                 origin: tuple[str, str, int | None], *, allow_http_realm: bool = False):
+                 origin: tuple[str, str, int | None], *, allow_http_realm: bool = False,
+                 credentials_problem: UserError | None = None):
         self.credentials = credentials
+        self.credentials_problem = credentials_problem  # why none were found (a failed credential helper)
         self.repository = repository
         self.actions = actions
         self.origin = origin  # (scheme, host, port) of the registry: the only place headers go unasked
@@ -335,6 +355,9 @@ class RegistryAuth(httpx.Auth):
     # -- what a refusal means -----------------------------------------------------------------
     def _refused(self, status: int, by: str) -> UserError:
         if self.credentials is None:
+            if self.credentials_problem is not None:
+                return UserError(f"{by} requires a login to {self._doing()}, and the credentials could not be "
+                                 f"read: {self.credentials_problem.message}", hint=self.credentials_problem.hint)
             return UserError(f"{by} requires a login to {self._doing()}, and no credentials were found",
                              hint=LOGIN_HINT)
         if status == 401:

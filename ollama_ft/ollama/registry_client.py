@@ -171,6 +171,7 @@ class RegistryAccess:
     credentials: Credentials | None = None
     ca_cert: Path | None = None
     insecure: bool = False
+    credentials_problem: UserError | None = None  # a credential helper that failed (told only if asked)
 
 
 def tls_context(ca_cert: Path | None) -> ssl.SSLContext:
@@ -219,7 +220,7 @@ class RegistryClient:
         self.http = client or http_client(access, timeout)
         u = httpx.URL(self.base_url)
         self.auth = RegistryAuth(access.credentials, repository, actions, (u.scheme, u.host, u.port),
-                                 allow_http_realm=access.insecure)
+                                 allow_http_realm=access.insecure, credentials_problem=access.credentials_problem)
         self.ca_cert = access.ca_cert
 
     def close(self) -> None:
@@ -399,11 +400,18 @@ def registry_access(target: Target, username: str | None = None, password_stdin:
                     ca_cert: Path | None = None, insecure: bool = False) -> RegistryAccess:
     """Credentials for the target's host (registry_auth's order) and the TLS settings, checked up front."""
     from ..core import ui
-    from .registry_auth import resolve_credentials
+    from .registry_auth import HelperUnavailable, resolve_credentials
 
     if ca_cert is not None:
         tls_context(ca_cert)  # a missing or broken file fails here, before the model is read
-    creds = resolve_credentials(target.host, username, password_stdin)
+    problem = None
+    try:
+        creds = resolve_credentials(target.host, username, password_stdin)
+    except HelperUnavailable as e:
+        # docker's config names a helper that cannot answer (a Docker Desktop config on a server, a locked
+        # keychain): a registry that needs no login must still work, so this stops only a login.
+        creds, problem = None, e
+        ui.warn(f"{e.message}; going on without credentials")
     if creds is not None and target.scheme == "http" and not is_loopback(target.host):
         ui.warn(f"--insecure: the password of {creds.who} would cross the network to {target.host} unencrypted")
-    return RegistryAccess(creds, ca_cert, insecure)
+    return RegistryAccess(creds, ca_cert, insecure, problem)

@@ -326,7 +326,8 @@ def estimate(model_dims: dict[str, Any] | ModelDims, settings: PlanSettings) -> 
     if s.perplexity_screen_batch:
         # The data stage scores every answer with the base model unquantized, on the training device.
         # An upper bound: every position of a max_length example counted as an answer position.
-        out.data = screen_memory(d.parameters, b, s.perplexity_screen_batch, d.vocab, s.seq_len)
+        out.data = screen_memory(d.parameters, b, s.perplexity_screen_batch, d.vocab, s.seq_len, d.hidden,
+                                 d.intermediate, bool(d.softcap))
         out.data.update({"CUDA context": CUDA_CONTEXT} if s.device == "cuda" else {"runtime (python, torch)": CPU_RUNTIME})
     return out
 
