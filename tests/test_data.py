@@ -122,6 +122,20 @@ def test_key_facts_are_read_from_every_format_and_kept_on_the_record(tmp_path):
     assert "\"facts\" must be a list" in str(rep.problems[0]) and rep.problems[0].where == "1"
 
 
+@pytest.mark.parametrize(("value", "facts", "warned"), [
+    ("   ", None, False), (" ; ", None, False), ([], None, False),  # empty cells are no facts, not mistakes
+    ("[3A] room", ["[3A] room"], False),  # not JSON: read as text
+    ('["7:40", 18]', ["7:40", "18"], False), ([True], None, True), (["ok", ""], None, True)])
+def test_facts_values(value, facts, warned):
+    import numpy as np
+
+    from ollama_ft.data.formats import facts_field
+
+    got, problem = facts_field({"facts": value}, "f.csv", "2")
+    assert got == facts and (problem is not None) == warned
+    assert facts_field({"facts": np.array(["7:40", "18:20"])}, "f", "1") == (["7:40", "18:20"], None)
+
+
 def test_messages_in_csv_cells_and_tsv(tmp_path):
     p = tmp_path / "m.tsv"
     p.write_text("messages\n" + json.dumps(_msgs(*QA[0])) + "\n")

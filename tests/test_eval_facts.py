@@ -114,6 +114,11 @@ def test_given_facts_by_id_and_reference(tmp_path):
     facts, source = ef.example_facts(recs, given)
     assert [[f.text for f in fs] for fs in facts] == [["7:40"], ["Room 3A"], ["9:15"]]
     assert source == "derived from the reference and the data file's \"facts\""
+    # A data stage that writes "facts" into test.jsonl is the only source: a record it left without
+    # (its facts were malformed) has them derived, not read again from the source file.
+    recs[1]["facts"] = ["Room 3A"]
+    facts, _ = ef.example_facts(recs, given)
+    assert [[f.text for f in fs] for fs in facts] == [[], ["Room 3A"], ["9:15"]]  # "other text": no facts
 
 
 # ------------------------------------------------------------------------------------------

@@ -103,3 +103,7 @@ def test_iter_jsonl_skips_blank_lines_and_names_the_bad_line(tmp_path):
     with pytest.raises(UserError) as e:
         next(it)
     assert e.value.message.startswith(f"{bad}:2: not valid JSON") and e.value.hint == "each line is one JSON object"
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"a": 1}\n{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1.jsonl:2: not UTF-8 text"):
+        list(files.iter_jsonl(latin1, hint="h"))

@@ -144,7 +144,9 @@ def test_trained_lm_head_on_a_tied_base_survives_merge_and_export(tmp_path, tiny
     assert export["verify"]["F16"]["ppl"] == pytest.approx(export["reference_ppl"], rel=0.02), export["verify"]
 
 
-def test_a_refused_gate_stops_the_pipeline_before_registration_with_or_without_a_server(tmp_path, capsys):
+def test_the_gate_check_before_registration_raises_with_the_reason_and_shows_the_example(tmp_path, capsys):
+    """run_pipeline calls this before registering, before it looks for a server (so the outcome, exit
+    status 1, is the same with or without one)."""
     from ollama_ft.core.errors import UserError
     from ollama_ft.pipeline import _stop_if_gate_refused
 

@@ -144,8 +144,13 @@ def read_base_meta(base_dir: Path | str) -> dict[str, Any]:
 def iter_jsonl(path: Path, hint: str) -> Iterator[tuple[int, Any]]:
     """(line number, parsed record) for each non-blank line of a JSON Lines file the project wrote or
     the user pointed at; a bad line stops with `path:line` and `hint` (what the line should hold)."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)",
+                                hint="re-save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -351,23 +351,24 @@ def _split_field(obj: dict, file: str, where: str) -> tuple[str | None, Problem 
 
 
 def facts_field(obj: dict, file: str, where: str) -> tuple[list[str] | None, Problem | None]:
-    """The record's "facts": a JSON list of strings/numbers, or (a CSV or Parquet cell) a string holding
-    a JSON list or "7:40; 18:20" (semicolon-separated)."""
+    """The record's "facts": a JSON list of strings/numbers, or (a CSV cell) a string holding a JSON list
+    or "7:40; 18:20" (semicolon-separated). An empty value is no facts."""
     v = obj.get("facts")
-    if v is None or v == "" or v == []:
-        return None, None
+    if hasattr(v, "tolist"):  # an array (a DataFrame-made list column)
+        v = v.tolist()
     if isinstance(v, str):
         text = v.strip()
+        parsed = None
         if text.startswith("["):
             try:
-                v = json.loads(text)
+                parsed = json.loads(text)
             except json.JSONDecodeError:
-                v = None
-        else:
-            v = [x.strip() for x in text.split(";") if x.strip()]
-    elif hasattr(v, "tolist"):  # a Parquet list column arrives as a numpy array
-        v = v.tolist()
-    if isinstance(v, list) and v and all(isinstance(x, (str, int, float)) and str(x).strip() for x in v):
+                parsed = None  # "[3A] room": not JSON, read as text
+        v = parsed if isinstance(parsed, list) else [x.strip() for x in text.split(";") if x.strip()]
+    if v is None or v == []:
+        return None, None
+    if isinstance(v, list) and all(isinstance(x, (str, int, float)) and not isinstance(x, bool) and str(x).strip()
+                                   for x in v):
         return [str(x).strip() for x in v], None
     return None, Problem(file, where, "facts", f"\"facts\" must be a list of strings (or \"a; b\"), got "
                          f"{str(obj.get('facts'))[:60]!r}; the record is kept and its key facts are derived "

@@ -335,11 +335,12 @@ def _json_records(f: Path) -> Iterable[dict[str, Any]]:
 def example_facts(records: Sequence[dict[str, Any]], given: dict[str, list[str]]) -> tuple[list[list[Fact]], str]:
     """The key facts of each test record and where they came from ("data file", "derived", or both)."""
     out, sources = [], set()
+    # The data stage writes a record's own (validated) "facts" into test.jsonl; `given`, read from the
+    # source files, stands in only for runs whose data stage is older than that (no record has the key).
+    use_given = not any("facts" in rec for rec in records)
     for rec in records:
         ref = rec["messages"][-1]["content"]
-        # The data stage writes a record's own "facts" into test.jsonl; `given` (read from the source
-        # files) covers runs whose data stage is older than that.
-        strs = rec.get("facts") or given.get(f"id:{rec.get('id')}") or given.get(f"ref:{ref}")
+        strs = rec.get("facts") or (given.get(f"id:{rec.get('id')}") or given.get(f"ref:{ref}") if use_given else None)
         sources.add("the data file's \"facts\"" if strs else "derived from the reference")
         out.append(facts_for(ref, strs))
     return out, " and ".join(sorted(sources)) or "none"

@@ -49,7 +49,12 @@ def load_texts(path: Path) -> list[dict[str, str]]:
                 raise UserError(f"{path}:{lineno}: no \"text\" string", hint=_LINE_HINT)
             out.append({"id": str(rec.get("id") or f"line{lineno}"), "text": text.strip()})
     elif path.suffix.lower() == ".txt":
-        paras = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})",
+                            hint="re-save the file as UTF-8") from None
+        paras = [p.strip() for p in text.split("\n\n") if p.strip()]
         out = [{"id": f"p{i}", "text": t} for i, t in enumerate(paras, 1)]
     else:
         raise UserError(f"eval.general_data: {path} has an unsupported extension",
