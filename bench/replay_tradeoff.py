@@ -101,8 +101,9 @@ def measure(config: Path, ratio: float, runs: Path, extra: list[str]) -> dict:
         "train_examples": stats["counts"]["train"],
         "replay_examples": stats.get("replay", {}).get("used", 0),
         "replay_share": stats.get("replay", {}).get("share", 0.0),
-        "domain": {k: tuned.get(k) for k in ("rouge_l", "chrf", "bleu", "perplexity", "stop_at_eot")},
-        "domain_base": {k: base.get(k) for k in ("rouge_l", "chrf", "bleu", "perplexity")},
+        "domain": {k: tuned.get(k) for k in ("rouge_l", "chrf", "bleu", "perplexity", "stop_at_eot", "facts_all",
+                                             "fact_recall")},
+        "domain_base": {k: base.get(k) for k in ("rouge_l", "chrf", "bleu", "perplexity", "facts_all")},
         "general": ({"base_ppl": gen.get("base_perplexity"), "tuned_ppl": gen.get("tuned_perplexity"),
                      "source": source} if gen else None),
     }
@@ -205,14 +206,16 @@ def table(rows: list[dict], cpu: str, commit: str, config: str, extra: list[str]
     out = [f"Replay trade-off on `{Path(config).relative_to(ROOT).as_posix() if Path(config).is_absolute() else config}`"
            f"{over} (commit {commit}), {cpu}. "
            f"Baseline: replay {b['ratio']} in the same bench run; (x) = ratio to it.", "",
-           "| replay ratio | train examples (replay) | general-text ppl (base -> tuned) | domain test ppl | "
-           "ROUGE-L | chrF | train s |", "|---|---|---|---|---|---|---|"]
+           "| replay ratio | train examples (replay) | general-text ppl (base -> tuned) | all key facts stated "
+           "(base -> tuned) | domain test ppl | ROUGE-L | chrF | train s |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda x: x["ratio"]):
         g = r["general"]
         gtxt = f"{g['base_ppl']:.2f} -> {g['tuned_ppl']:.2f} ({g['tuned_ppl'] / b['general']['tuned_ppl']:.3f}x)" \
             if g and b["general"] else "n/a"
         d, bd = r["domain"], b["domain"]
-        out.append(f"| {r['ratio']} | {r['train_examples']} ({r['replay_examples']}) | {gtxt} | "
+        fb, ft = r.get("domain_base", {}).get("facts_all"), d.get("facts_all")
+        ftxt = f"{100 * fb:.0f}% -> {100 * ft:.0f}%" if fb is not None and ft is not None else "n/a"
+        out.append(f"| {r['ratio']} | {r['train_examples']} ({r['replay_examples']}) | {gtxt} | {ftxt} | "
                    f"{d['perplexity']:.2f} ({d['perplexity'] / bd['perplexity']:.2f}x) | "
                    f"{d['rouge_l']:.3f} ({d['rouge_l'] / bd['rouge_l']:.2f}x) | {d['chrf']:.1f} "
                    f"({d['chrf'] / bd['chrf']:.2f}x) | {r['train_s']:.0f} |")
@@ -226,19 +229,25 @@ def plot(rows: list[dict], path: Path, cpu: str) -> None:
     import matplotlib.pyplot as plt
 
     x = [r["ratio"] for r in rows]
-    fig, ax1 = plt.subplots(figsize=(6.4, 4))
+    fig, ax1 = plt.subplots(figsize=(6.4, 4.8))
     if all(r["general"] for r in rows):
         ax1.plot(x, [r["general"]["tuned_ppl"] for r in rows], "o-", color="tab:blue", label="general-text ppl (tuned)")
         ax1.axhline(rows[0]["general"]["base_ppl"], color="tab:blue", ls=":", label="general-text ppl (base)")
     ax1.plot(x, [r["domain"]["perplexity"] for r in rows], "s-", color="tab:orange", label="domain test ppl (tuned)")
     ax1.set_xlabel("data.replay.ratio (share of training examples that are general chat)")
     ax1.set_ylabel("perplexity (lower is better)")
+    ax1.set_yscale("log")
     ax2 = ax1.twinx()
-    ax2.plot(x, [r["domain"]["rouge_l"] for r in rows], "^--", color="tab:green", label="domain ROUGE-L")
-    ax2.set_ylabel("ROUGE-L (higher is better)")
+    if all(r["domain"].get("facts_all") is not None for r in rows):
+        ax2.plot(x, [100 * r["domain"]["facts_all"] for r in rows], "D-", color="tab:red",
+                 label="answers with all key facts, % (tuned)")
+    ax2.plot(x, [100 * r["domain"]["rouge_l"] for r in rows], "^--", color="tab:green", label="domain ROUGE-L x 100")
+    ax2.set_ylabel("% (higher is better)")
+    ax2.set_ylim(0, 100)
     h1, l1 = ax1.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax1.legend(h1 + h2, l1 + l2, fontsize=8, loc="best")
+    ax1.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2,
+               frameon=False)
     ax1.set_title(f"Replay trade-off, demo ({cpu})", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
