@@ -286,13 +286,12 @@ def run_single_stage(run_ref: str, stage: str, *, force: bool = False, overrides
 def _stop_if_gate_refused(run: Run) -> None:
     """A refused model stops the pipeline with exit status 1 whether or not Ollama is running (scripts
     see the same outcome either way); the held-out example is shown first, it is what a user judges by."""
-    from .ollama.api import gate_override_hint, gate_refusal
+    from .ollama.api import check_gate, gate_refusal
 
-    reason = gate_refusal(run)
-    if reason is not None:
+    if gate_refusal(run) is not None:
         ui.err.rule()
         _show_example(run)
-        raise UserError(f"the evaluation gate refused this model: {reason}", hint=gate_override_hint(run))
+        check_gate(run)
 
 
 def _register_or_explain(cfg: RunConfig, run: Run, *, force: bool, gate_force: bool = False,

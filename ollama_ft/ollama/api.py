@@ -214,7 +214,8 @@ def gate_override_hint(run) -> str:
     return f"see {run.root}/report/report.html; register anyway with `ollama-ft register {run.root} --force`"
 
 
-def _gate_check(run, gate_force: bool) -> None:
+def check_gate(run, gate_force: bool = False) -> None:
+    """Raise the gate's refusal (its reason and the deliberate override) unless gate_force."""
     reason = gate_refusal(run)
     if reason is not None and not gate_force:
         raise UserError(f"the evaluation gate refused this model: {reason}", hint=gate_override_hint(run))
@@ -227,7 +228,7 @@ def register_run(cfg, run, host: str, gate_force: bool = False) -> dict[str, Any
 
     t0 = time.time()
     name = model_name_for(cfg)  # before any upload
-    _gate_check(run, gate_force)
+    check_gate(run, gate_force)
     mf_entry = run.entry("modelfile")
     if not mf_entry:
         raise UserError(f"no Modelfile for {run.root}", hint=f"run `ollama-ft modelfile {run.root}` first")
