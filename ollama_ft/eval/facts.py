@@ -340,7 +340,9 @@ def example_facts(records: Sequence[dict[str, Any]], given: dict[str, list[str]]
     use_given = not any("facts" in rec for rec in records)
     for rec in records:
         ref = rec["messages"][-1]["content"]
-        strs = rec.get("facts") or (given.get(f"id:{rec.get('id')}") or given.get(f"ref:{ref}") if use_given else None)
+        strs = rec.get("facts")
+        if not strs and use_given:
+            strs = given.get(f"id:{rec.get('id')}") or given.get(f"ref:{ref}")
         sources.add("the data file's \"facts\"" if strs else "derived from the reference")
         out.append(facts_for(ref, strs))
     return out, " and ".join(sorted(sources)) or "none"

@@ -24,9 +24,10 @@ def load_examples(data_dir: Path, split: str, limit: int | None) -> list[dict[st
         raise UserError(f"{path} is missing", hint="re-run the data stage: `ollama-ft data RUN --force`")
     records: list[dict[str, Any]] = []
     for lineno, rec in iter_jsonl(path, hint="re-run the data stage: `ollama-ft data RUN --force`"):
-        msgs = (rec.get("messages") if isinstance(rec, dict) else None) or []
+        rec = rec if isinstance(rec, dict) else {}
+        msgs = rec.get("messages") or []
         if len(msgs) < 2 or msgs[-1].get("role") != "assistant":
-            raise UserError(f"{path}:{lineno}: record {rec.get('id') if isinstance(rec, dict) else rec!r} does not end with an assistant message",
+            raise UserError(f"{path}:{lineno}: record {rec.get('id')!r} does not end with an assistant message",
                             hint="the data stage writes records whose last message is the reference answer")
         records.append(rec)
         if limit is not None and len(records) >= limit:
